@@ -1,0 +1,124 @@
+"""Argument parsing shared by the ``eval/`` entry points.
+
+The scripts stay thin: they build a ``SweepConfig`` from the command line
+and call the library. Errors from bad arguments are printed as one line
+(``error: ...``) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from .errors import RopeNtkError
+from .evaluation.sweep import DEFAULT_METHODS, SweepConfig, run_sweep
+from .methods import METHODS
+
+QUICK = dict(lengths=(2048, 12288), ppl_tokens=12288, depths=(0.5,))
+
+
+def _csv(kind, name):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r}: expected comma-separated {kind.__name__} values")
+
+    return parse
+
+
+def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.ArgumentParser:
+    d = SweepConfig()
+    methods = "\n".join(f"  {m.name:<12} {m.paper}" for m in METHODS.values())
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"methods:\n{methods}\n\nRe-running the same command resumes: cells already in "
+        "OUT/results.json are skipped.",
+    )
+    parser.add_argument("--out", default="runs/default", help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--model", default=d.model, help="'bundled' (SmolLM2-135M GGUF), a directory, a .gguf file or a hub id"
+    )
+    parser.add_argument(
+        "--corpus", default=d.corpus, help="'bundled' (Paul Graham essays), a .txt/.jsonl/.json file or a datasets name"
+    )
+    parser.add_argument("--corpus-split", default=d.corpus_split, help="split of a datasets corpus (%(default)s)")
+    parser.add_argument("--text-field", default=d.text_field, help="text field of .jsonl/datasets (%(default)s)")
+    parser.add_argument(
+        "--methods", type=_csv(str, "--methods"), default=DEFAULT_METHODS,
+        help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument("--factor", type=float, default=d.factor, help="scaling factor for every method (%(default)s)")
+    parser.add_argument(
+        "--lengths", type=_csv(int, "--lengths"), default=d.lengths,
+        help="comma-separated context lengths in tokens (default: 4096,8192,16384)",
+    )
+    parser.add_argument(
+        "--metrics", type=_csv(str, "--metrics"), default=metrics,
+        help=f"comma-separated metrics among perplexity,passkey (default: {','.join(metrics)})"
+    )
+    parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"],
+                        help="model weights dtype; RoPE phases are float32 always (%(default)s)")
+    parser.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
+                        help="tokens scored per length; the same text span at every length (%(default)s)")
+    parser.add_argument("--bos", default=d.bos, choices=["auto", "always", "never"],
+                        help="prepend BOS to each perplexity window: auto follows the tokenizer (%(default)s)")
+    parser.add_argument("--depths", type=_csv(float, "--depths"), default=d.depths,
+                        help="passkey depths in [0,1], one trial each (default: 0.1,0.3,0.5,0.7,0.9)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed for passkeys (%(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="first look in ~3 minutes: lengths 2048,12288, 12288 scored tokens, one depth")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    config = SweepConfig(
+        model=args.model,
+        corpus=args.corpus,
+        corpus_split=args.corpus_split,
+        text_field=args.text_field,
+        methods=tuple(args.methods),
+        factor=args.factor,
+        lengths=tuple(args.lengths),
+        metrics=tuple(args.metrics),
+        dtype=args.dtype,
+        ppl_tokens=args.ppl_tokens,
+        bos=args.bos,
+        depths=tuple(args.depths),
+        seed=args.seed,
+    )
+    return config
+
+
+def main(description: str, metrics: tuple[str, ...], argv: list[str] | None = None) -> int:
+    parser = build_parser(description, metrics)
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)  # explicit flags still win over the preset
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = config_from_args(args)
+        config.validate()
+        logging.getLogger("rope_ntk").info("config: %s", config)
+        store = run_sweep(config, args.out, plot=not args.no_plot)
+    except (RopeNtkError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished cells are in {args.out}/results.json, re-run to resume", file=sys.stderr)
+        return 130
+    from .evaluation.report import table
+
+    for metric, title in (("perplexity", "Perplexity"), ("passkey_accuracy", "Passkey accuracy")):
+        body = table(store.records, metric)
+        if body:
+            print(f"\n{title}\n{body}")
+    print(f"\nresults: {args.out}/results.json  report: {args.out}/report.md  plot: {args.out}/perplexity_vs_length.png")
+    return 0

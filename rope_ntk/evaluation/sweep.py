@@ -1,0 +1,178 @@
+"""The main job: methods x lengths, perplexity and passkey, resumable.
+
+For each method the model is patched once; each (length, metric) cell not
+yet in ``results.json`` is computed and written as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import patching
+from ..data import load_corpus
+from ..errors import InvalidParameterError
+from ..loading import load_model
+from ..methods import get_method, validate_params
+from . import passkey as pk
+from . import perplexity as pp
+from .report import write_report
+from .results import ResultsStore, command_line, versions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("none", "linear", "ntk", "dynamic-ntk", "yarn")
+
+
+@dataclass
+class SweepConfig:
+    """Everything that determines a sweep's numbers."""
+
+    model: str = "bundled"
+    corpus: str = "bundled"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    factor: float = 2.0
+    lengths: tuple[int, ...] = (4096, 8192, 16384)
+    metrics: tuple[str, ...] = ("perplexity", "passkey")
+    dtype: str = "bfloat16"
+    ppl_tokens: int = 16384  # scored tokens per length (same text span at every length)
+    bos: str = "auto"
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    seed: int = 0
+    chunk_size: int = 1024
+    corpus_split: str = "test"
+    text_field: str = "text"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        problems = []
+        for m in self.methods:
+            try:
+                get_method(m)
+            except InvalidParameterError as exc:
+                problems.append(str(exc).rstrip("."))
+        for length in self.lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length < 64:
+                problems.append(f"length={length!r} must be an integer >= 64 tokens")
+        for d in self.depths:
+            try:
+                pk.check_depth(d)
+            except InvalidParameterError as exc:
+                problems.append(str(exc).rstrip("."))
+        bad_metrics = [m for m in self.metrics if m not in ("perplexity", "passkey")]
+        if bad_metrics:
+            problems.append(f"metrics={bad_metrics} not known; valid: perplexity, passkey")
+        if self.ppl_tokens < 1:
+            problems.append(f"ppl_tokens={self.ppl_tokens!r} must be >= 1")
+        for m in self.methods:
+            try:
+                validate_params(m, self.method_params(m))
+            except InvalidParameterError as exc:
+                problems.append(str(exc).rstrip("."))
+        if problems:
+            raise InvalidParameterError("; ".join(dict.fromkeys(problems)) + ".")
+
+    def method_params(self, method: str) -> dict[str, Any]:
+        name = get_method(method).name
+        return {} if name == "none" else {"factor": self.factor}
+
+
+def _cell(config: SweepConfig, method: str, length: int, metric: str) -> dict[str, Any]:
+    """What determines one record's value (its identity in the store)."""
+    cell = {
+        "model": config.model,
+        "corpus": config.corpus,
+        "dtype": config.dtype,
+        "method": get_method(method).name,
+        "params": config.method_params(method),
+        "length": length,
+        "metric": "passkey_accuracy" if metric == "passkey" else "perplexity",
+        "seed": config.seed,
+    }
+    if metric == "perplexity":
+        cell.update(ppl_tokens=config.ppl_tokens, bos=config.bos, protocol="disjoint")
+    else:
+        cell.update(depths=list(config.depths))
+    return cell
+
+
+def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> ResultsStore:
+    """Compute every missing cell, writing ``results.json`` after each."""
+    config.validate()
+    out = Path(out_dir)
+    store = ResultsStore(out / "results.json")
+    plan = [
+        (m, length, metric)
+        for m in config.methods
+        for length in config.lengths
+        for metric in config.metrics
+        if not store.has(_cell(config, m, length, metric))
+    ]
+    done = len(config.methods) * len(config.lengths) * len(config.metrics) - len(plan)
+    if not plan:
+        logger.info("all cells already in %s", store.path)
+        write_report(store.records, out, with_plot=plot)
+        return store
+    logger.info("%d cell(s) to compute, %d already done", len(plan), done)
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    bos_id = pp.resolve_bos(tokenizer, config.bos)
+    stream: list[int] = []
+    if "perplexity" in config.metrics:
+        docs = load_corpus(config.corpus, split=config.corpus_split, text_field=config.text_field)
+        longest = max(config.lengths)
+        stream = pp.tokenize_stream(tokenizer, docs, config.ppl_tokens + longest + 1)
+    context = {"versions": versions(), "command": command_line(), "config": asdict(config)}
+
+    bar = tqdm(total=len(plan), desc="cells", unit="cell", position=0)
+    for method in dict.fromkeys(m for m, _, _ in plan):
+        params = config.method_params(method)
+        with patching.patch(model, method, **params), torch.inference_mode():
+            for m, length, metric in plan:
+                if m != method:
+                    continue
+                bar.set_postfix_str(f"{method} L={length} {metric}")
+                started = time.perf_counter()
+                if metric == "perplexity":
+                    fields = _perplexity_cell(model, stream, config, length, bos_id)
+                else:
+                    fields = _passkey_cell(model, tokenizer, config, length)
+                record = {
+                    **_cell(config, method, length, metric),
+                    "factor": params.get("factor"),
+                    **fields,
+                    "elapsed_s": round(time.perf_counter() - started, 2),
+                    "cell": _cell(config, method, length, metric),
+                    "rope": patching.describe(model)[0],
+                    **context,
+                }
+                store.add(record)
+                bar.update(1)
+                logger.info("%s L=%d %s = %.4g", method, length, record["metric"], record["value"])
+    bar.close()
+    write_report(store.records, out, with_plot=plot)
+    return store
+
+
+def _perplexity_cell(model, stream, config: SweepConfig, length: int, bos_id) -> dict[str, Any]:
+    count = pp.windows_for(length, config.ppl_tokens)
+    with tqdm(total=count, desc=f"  ppl L={length}", unit="win", leave=False, position=1) as bar:
+        result = pp.perplexity(model, stream, length, count, bos_id, config.chunk_size, progress=bar)
+    return {"value": result.perplexity, "tokens": result.tokens, "windows": result.windows, "nll_sum": result.nll_sum}
+
+
+def _passkey_cell(model, tokenizer, config: SweepConfig, length: int) -> dict[str, Any]:
+    keys = pk.trial_keys(config.seed, length, list(config.depths))
+    trials = []
+    for depth, key in tqdm(list(zip(config.depths, keys)), desc=f"  passkey L={length}", leave=False, position=1):
+        prompt = pk.build_prompt(tokenizer, length, depth, key)
+        trials.append(pk.run_trial(model, tokenizer, prompt))
+    correct = sum(t["correct"] for t in trials)
+    return {"value": correct / len(trials), "trials": len(trials), "correct": correct, "details": trials}
