@@ -78,7 +78,9 @@ def dynamic_ntk_alpha(factor: float, seq_len: int, original_max_position_embeddi
     """Scale of dynamic NTK (emozilla, 2023; as in transformers' ``dynamic``).
 
     alpha = factor * seq_len / L - (factor - 1), L the original context,
-    so alpha = 1 at seq_len = L and alpha = factor at seq_len = factor * L.
+    so alpha = 1 at seq_len = L and grows by ``factor`` per further L:
+    alpha = factor at seq_len = (2 - 1/factor) * L, and
+    factor**2 - factor + 1 (not factor) at seq_len = factor * L.
     """
     return factor * seq_len / original_max_position_embeddings - (factor - 1)
 

@@ -15,6 +15,7 @@ Parameters split in two kinds:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,8 +123,9 @@ def _check_value(method: Method, spec: Param, value: Any) -> tuple[Any, str | No
         if isinstance(value, bool):
             return value, None
         return value, f"{where} must be true or false"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value, f"{where} must be a number"
+    value = float(value) if isinstance(value, numbers.Real) and not isinstance(value, int) else int(value)
     if spec.kind == "int":
         if not (math.isfinite(value) and float(value).is_integer()):
             return value, f"{where} must be a whole number"

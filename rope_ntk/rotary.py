@@ -63,7 +63,7 @@ class ScaledRotaryEmbedding(nn.Module):
         """Float32 ``inv_freq`` and attention factor in force at ``seq_len``."""
         if not self.method.dynamic:
             return self.inv_freq, self.attention_scaling
-        if seq_len < self.original_max_position_embeddings:
+        if seq_len <= self.original_max_position_embeddings:
             return self.default_inv_freq, 1.0
         if seq_len != self._dynamic_len:
             freqs: RopeFrequencies = methods.frequencies(self.method, self.params, self.rope, seq_len)
