@@ -43,6 +43,8 @@ class Method:
     name: str
     paper: str
     params: tuple[Param, ...]
+    # (validated params, model numbers, original length, current length) -> frequencies
+    compute: Callable[[dict[str, Any], "ModelRope", int, int], formulas.RopeFrequencies]
     dynamic: bool = False
     # transformers' ``rope_type`` that computes the same thing, if any
     hf_rope_type: str | None = None
@@ -50,6 +52,28 @@ class Method:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class ModelRope:
+    """The numbers a rotary module was built from (read off the model)."""
+
+    rope_theta: float
+    dim: int
+    original_max_position_embeddings: int
+
+
+def _yarn(p: dict[str, Any], rope: ModelRope, original: int, seq_len: int) -> formulas.RopeFrequencies:
+    return formulas.yarn(
+        rope.rope_theta,
+        rope.dim,
+        p["factor"],
+        original,
+        p["beta_fast"],
+        p["beta_slow"],
+        p.get("attention_factor"),
+        p["truncate"],
+    )
 
 
 FACTOR = Param("factor", "context extension ratio (new length / original length)", required=True, minimum=1.0)
@@ -63,11 +87,18 @@ ORIGINAL = Param(
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("none", "Su et al. 2021, RoFormer (arXiv:2104.09864): unscaled RoPE", (), hf_rope_type="default"),
+        Method(
+            "none",
+            "Su et al. 2021, RoFormer (arXiv:2104.09864): unscaled RoPE",
+            (),
+            lambda p, rope, original, seq_len: formulas.default(rope.rope_theta, rope.dim),
+            hf_rope_type="default",
+        ),
         Method(
             "linear",
             "Chen et al. 2023, position interpolation (arXiv:2306.15595)",
             (FACTOR,),
+            lambda p, rope, original, seq_len: formulas.linear(rope.rope_theta, rope.dim, p["factor"]),
             hf_rope_type="linear",
             aliases=("pi",),
         ),
@@ -78,12 +109,16 @@ METHODS: dict[str, Method] = {
                 Param("alpha", "NTK scale: base * alpha**(d/(d-2)); default: equal to factor", minimum=1.0),
                 Param("factor", "accepted as alpha when alpha is not given", minimum=1.0),
             ),
+            lambda p, rope, original, seq_len: formulas.ntk(rope.rope_theta, rope.dim, p["alpha"]),
             aliases=("ntk-aware",),
         ),
         Method(
             "dynamic-ntk",
             "emozilla 2023, dynamic NTK; YaRN paper sec. 3.3 (arXiv:2309.00071)",
             (FACTOR, ORIGINAL),
+            lambda p, rope, original, seq_len: formulas.dynamic_ntk(
+                rope.rope_theta, rope.dim, p["factor"], original, seq_len
+            ),
             dynamic=True,
             hf_rope_type="dynamic",
             aliases=("dynamic",),
@@ -99,6 +134,7 @@ METHODS: dict[str, Method] = {
                 Param("attention_factor", "cos/sin multiplier; default 0.1*ln(factor)+1", above=0),
                 Param("truncate", "round the ramp bounds to whole pairs", True, kind="bool"),
             ),
+            _yarn,
             hf_rope_type="yarn",
         ),
     ]
@@ -189,15 +225,6 @@ def _reconcile_ntk(resolved: dict[str, Any]) -> list[str]:
     return []
 
 
-@dataclass(frozen=True)
-class ModelRope:
-    """The numbers a rotary module was built from (read off the model)."""
-
-    rope_theta: float
-    dim: int
-    original_max_position_embeddings: int
-
-
 def frequencies(
     method: Method | str, params: dict[str, Any], rope: ModelRope, seq_len: int | None = None
 ) -> formulas.RopeFrequencies:
@@ -207,22 +234,5 @@ def frequencies(
     than the original context".
     """
     method = get_method(method) if isinstance(method, str) else method
-    base, dim = rope.rope_theta, rope.dim
     original = int(params.get("original_max_position_embeddings") or rope.original_max_position_embeddings)
-    compute: dict[str, Callable[[], formulas.RopeFrequencies]] = {
-        "none": lambda: formulas.default(base, dim),
-        "linear": lambda: formulas.linear(base, dim, params["factor"]),
-        "ntk": lambda: formulas.ntk(base, dim, params["alpha"]),
-        "dynamic-ntk": lambda: formulas.dynamic_ntk(base, dim, params["factor"], original, seq_len or original),
-        "yarn": lambda: formulas.yarn(
-            base,
-            dim,
-            params["factor"],
-            original,
-            params["beta_fast"],
-            params["beta_slow"],
-            params.get("attention_factor"),
-            params["truncate"],
-        ),
-    }
-    return compute[method.name]()
+    return method.compute(params, rope, original, seq_len or original)
