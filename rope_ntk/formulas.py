@@ -113,6 +113,23 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0
 
 
+def yarn_attention_factor(factor: float, mscale: float = 1.0, mscale_all_dim: float = 0.0) -> float:
+    """cos/sin multiplier of YaRN with DeepSeek's two temperature knobs.
+
+    yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim), as in
+    the DeepSeek-V2 reference code (arXiv:2405.04434, whose configs carry
+    ``mscale`` and ``mscale_all_dim``). The defaults (1, 0) give the paper's
+    0.1 ln(factor) + 1. Models that also scale the softmax by
+    yarn_mscale(factor, mscale_all_dim)**2 (DeepSeek) do so in attention,
+    outside this function.
+
+    Deviation from transformers: it applies the ratio only when both knobs
+    are given and ignores a lone one; rope_ntk always applies the ratio and
+    records the resulting ``attention_factor`` explicitly in the config.
+    """
+    return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+
+
 def yarn_correction_dim(num_rotations: float, dim: int, base: float, original_max_position_embeddings: int) -> float:
     """Pair index whose wavelength fits ``num_rotations`` times in L.
 
@@ -149,6 +166,27 @@ def yarn_ramp(
     return ((pairs - low) / (high - low)).clamp(0.0, 1.0)
 
 
+def ntk_by_parts(
+    rope_theta: float,
+    dim: int,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+) -> RopeFrequencies:
+    """NTK-by-parts (bloc97 2023; YaRN paper arXiv:2309.00071, eqs. 17-18).
+
+    inv_freq = (1 - gamma) * inv_freq + gamma * inv_freq / factor with the
+    ramp gamma of ``yarn_ramp``: fast pairs keep their frequency, slow pairs
+    are interpolated like ``linear``. No attention temperature (factor 1):
+    that is what YaRN adds on top.
+    """
+    inv_freq = default_inv_freq(rope_theta, dim)
+    gamma = yarn_ramp(dim, rope_theta, original_max_position_embeddings, beta_fast, beta_slow, truncate)
+    return RopeFrequencies(inv_freq * (1 - gamma) + (inv_freq / factor) * gamma)
+
+
 def yarn(
     rope_theta: float,
     dim: int,
@@ -158,16 +196,100 @@ def yarn(
     beta_slow: float = 1.0,
     attention_factor: float | None = None,
     truncate: bool = True,
+    mscale: float = 1.0,
+    mscale_all_dim: float = 0.0,
 ) -> RopeFrequencies:
     """YaRN (Peng et al. 2023, arXiv:2309.00071, eqs. 18-22).
 
-    inv_freq = (1 - gamma) * inv_freq + gamma * inv_freq / factor, with the
-    ramp gamma of ``yarn_ramp``; cos and sin are multiplied by
-    ``attention_factor`` = 0.1 ln(factor) + 1 unless one is given.
+    The ``ntk_by_parts`` frequencies; cos and sin are multiplied by
+    ``attention_factor``, by default ``yarn_attention_factor`` (the paper's
+    0.1 ln(factor) + 1 unless ``mscale`` / ``mscale_all_dim`` are changed).
+    """
+    parts = ntk_by_parts(rope_theta, dim, factor, original_max_position_embeddings, beta_fast, beta_slow, truncate)
+    if attention_factor is None:
+        attention_factor = yarn_attention_factor(factor, mscale, mscale_all_dim)
+    return RopeFrequencies(parts.inv_freq, float(attention_factor))
+
+
+def dynamic_yarn_factor(original_max_position_embeddings: int, seq_len: int, factor: float | None = None) -> float:
+    """Scale of dynamic YaRN at the current length (YaRN paper sec. 3.3, eq. 25).
+
+    s = max(1, seq_len / L). Deviation: a given ``factor`` caps s, so the
+    scaling stops growing at factor * L (a static YaRN of that factor).
+    """
+    scale = max(1.0, seq_len / original_max_position_embeddings)
+    return scale if factor is None else min(scale, factor)
+
+
+def dynamic_yarn(
+    rope_theta: float,
+    dim: int,
+    original_max_position_embeddings: int,
+    seq_len: int,
+    factor: float | None = None,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+    mscale: float = 1.0,
+    mscale_all_dim: float = 0.0,
+) -> RopeFrequencies:
+    """Dynamic YaRN: ``yarn`` with the scale of ``dynamic_yarn_factor``.
+
+    At or below ``original_max_position_embeddings`` the result is the
+    default RoPE exactly, with attention factor 1.
+    """
+    scale = dynamic_yarn_factor(original_max_position_embeddings, seq_len, factor)
+    if scale <= 1.0:
+        return default(rope_theta, dim)
+    return yarn(
+        rope_theta, dim, scale, original_max_position_embeddings, beta_fast, beta_slow, None, truncate,
+        mscale, mscale_all_dim,
+    )
+
+
+def llama3(
+    rope_theta: float,
+    dim: int,
+    factor: float,
+    original_max_position_embeddings: int,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+) -> RopeFrequencies:
+    """Llama 3.1 scaling (Meta 2024, "The Llama 3 Herd of Models",
+    arXiv:2407.21783; the formula is in Meta's reference ``apply_scaling``).
+
+    With r_i = L * inv_freq_i / (2 pi) the turns of pair i in L: pairs with
+    r_i > ``high_freq_factor`` are kept, pairs with r_i < ``low_freq_factor``
+    are divided by ``factor``, and in between
+    inv_freq * (w + (1 - w) / factor), w = (r_i - low) / (high - low) —
+    an NTK-by-parts ramp in turns, without YaRN's rounding. Defaults are
+    Llama 3.1's (factor 8, low 1, high 4, L = 8192).
     """
     inv_freq = default_inv_freq(rope_theta, dim)
-    gamma = yarn_ramp(dim, rope_theta, original_max_position_embeddings, beta_fast, beta_slow, truncate)
-    scaled = inv_freq * (1 - gamma) + (inv_freq / factor) * gamma
-    if attention_factor is None:
-        attention_factor = yarn_mscale(factor)
-    return RopeFrequencies(scaled, float(attention_factor))
+    turns = original_max_position_embeddings * inv_freq / (2 * math.pi)
+    weight = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return RopeFrequencies(inv_freq * (weight + (1 - weight) / factor))
+
+
+def longrope_attention_factor(factor: float, original_max_position_embeddings: int) -> float:
+    """LongRoPE / Phi-3 cos-sin multiplier: sqrt(1 + ln(factor) / ln(L)), 1 for factor <= 1."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
+def longrope(
+    rope_theta: float,
+    dim: int,
+    rescale: list[float] | tuple[float, ...],
+    attention_factor: float = 1.0,
+) -> RopeFrequencies:
+    """LongRoPE (Ding et al. 2024, arXiv:2402.13753, eq. 3): one searched
+    rescale factor per pair, inv_freq_i / lambda_i.
+
+    The caller picks ``short_factor`` or ``long_factor`` as ``rescale`` by
+    the current length (Phi-3's convention: long above the original
+    context) and the attention factor (``longrope_attention_factor``).
+    """
+    lambdas = torch.tensor([float(x) for x in rescale], dtype=torch.float64)
+    return RopeFrequencies(default_inv_freq(rope_theta, dim) / lambdas, float(attention_factor))

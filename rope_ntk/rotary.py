@@ -1,9 +1,8 @@
 """One scaled rotary module that stands in for a Hugging Face one.
 
-It returns ``(cos, sin)`` exactly as the Llama-family modules do — shape
-``[batch, seq, dim]`` with the frequencies repeated twice (rotate-half
-layout), multiplied by the attention factor and cast to the input dtype —
-so the attention code of the model runs unchanged.
+It returns what the replaced module returned, in the family's layout (see
+``LAYOUTS``), multiplied by the attention factor and cast to the input
+dtype, so the attention code of the model runs unchanged.
 
 Precision: ``inv_freq`` stays float32 whatever ``model.to(dtype)`` does
 (``_apply`` restores it from a float64 master copy) and angles are formed in
@@ -20,21 +19,35 @@ from torch import nn
 from . import methods
 from .formulas import RopeFrequencies
 
+# How a family's attention code expects the per-pair angles, freqs [batch, seq, dim/2]:
+#   "half":        (cos, sin) of cat(freqs, freqs)   [batch, seq, dim]   Llama, Mistral, ...
+#   "interleaved": (cos, sin) of [f0, f0, f1, f1 ...] [batch, seq, dim]  Cohere
+#   "sin-cos":     (sin, cos) of freqs               [batch, seq, dim/2] GPT-J (repeats them itself)
+LAYOUTS = ("half", "interleaved", "sin-cos")
+
 
 class ScaledRotaryEmbedding(nn.Module):
     """Rotary embedding for one registry method, static or dynamic.
 
     Static methods compute their frequencies once. Dynamic methods recompute
-    them when the current length (largest position id + 1) changes, and use
-    the unscaled buffer itself at or below the original context, so short
-    inputs are bit-for-bit the default RoPE.
+    them when the current length (largest position id + 1) changes past the
+    original context, and use the buffer computed at the original length at
+    or below it, so short inputs are bit-for-bit what the method gives there
+    (the default RoPE for dynamic NTK and dynamic YaRN, the short factors
+    for LongRoPE).
     """
 
-    def __init__(self, method: str, params: dict[str, Any], rope: methods.ModelRope, device=None):
+    def __init__(
+        self, method: str, params: dict[str, Any], rope: methods.ModelRope, device=None, layout: str = "half"
+    ):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not a rotary layout; valid: {', '.join(LAYOUTS)}.")
         self.method = methods.get_method(method)
         self.params = methods.validate_params(self.method, params)
+        methods.check_model(self.method, self.params, rope)
         self.rope = rope
+        self.layout = layout
         self.original_max_position_embeddings = int(
             self.params.get("original_max_position_embeddings") or rope.original_max_position_embeddings
         )
@@ -64,7 +77,7 @@ class ScaledRotaryEmbedding(nn.Module):
         if not self.method.dynamic:
             return self.inv_freq, self.attention_scaling
         if seq_len <= self.original_max_position_embeddings:
-            return self.default_inv_freq, 1.0
+            return self.inv_freq, self.attention_scaling
         if seq_len != self._dynamic_len:
             freqs: RopeFrequencies = methods.frequencies(self.method, self.params, self.rope, seq_len)
             device = self.default_inv_freq.device
@@ -77,11 +90,17 @@ class ScaledRotaryEmbedding(nn.Module):
         # position_ids: [batch, seq] -> cos, sin: [batch, seq, dim]
         seq_len = int(position_ids.max()) + 1 if self.method.dynamic else 0
         inv_freq, scale = self.frequencies_for(seq_len)
+        # [batch, seq, 1] * [dim/2] -> [batch, seq, dim/2]
         freqs = position_ids[..., None].to(torch.float32) * inv_freq.to(x.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        if self.layout == "half":
+            freqs = torch.cat((freqs, freqs), dim=-1)  # [batch, seq, dim]
+        elif self.layout == "interleaved":
+            freqs = freqs.repeat_interleave(2, dim=-1)  # [batch, seq, dim]
+        cos, sin = freqs.cos(), freqs.sin()
         if scale != 1.0:
             cos, sin = cos * scale, sin * scale
+        if self.layout == "sin-cos":
+            return sin.to(x.dtype), cos.to(x.dtype)
         return cos.to(x.dtype), sin.to(x.dtype)
 
     def describe(self) -> dict[str, Any]:
@@ -93,6 +112,7 @@ class ScaledRotaryEmbedding(nn.Module):
             "dim": self.rope.dim,
             "original_max_position_embeddings": self.original_max_position_embeddings,
             "attention_factor": self.attention_scaling,
+            "layout": self.layout,
         }
 
     def extra_repr(self) -> str:

@@ -45,7 +45,7 @@ def raises_naming(exc_type, call, *fragments):
 # ---------------------------------------------------------------- methods and parameters
 
 
-@pytest.mark.parametrize("name", ["foo", "ntk_by_parts", "", "YaRN2"])
+@pytest.mark.parametrize("name", ["foo", "ntk_by_halves", "", "YaRN2"])
 def test_unknown_method(guarded, name):
     model, unchanged = guarded
     message = raises_naming(InvalidParameterError, lambda: rope_ntk.patch(model, name, factor=2), f"method={name!r}")
