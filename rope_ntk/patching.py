@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import methods
-from .errors import UnsupportedModelError
-from .rotary import ScaledRotaryEmbedding
+from . import families, formulas, methods
+from .errors import InvalidParameterError, UnsupportedModelError
+from .rotary import LayerTypeRotary, ScaledRotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class _Slot:
 class _PatchState:
     slots: list[_Slot]
     config_backup: dict[str, Any]
+    softmax_scales: list[tuple[nn.Module, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,18 +63,28 @@ class PatchHandle:
 
 
 def _is_rotary(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "forward")
+    has_inv_freq = isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+    # GPT-J keeps a sin/cos table and Gemma 3 one inv_freq per layer type: known by their class name
+    return has_inv_freq or type(module).__name__.endswith("RotaryEmbedding") or isinstance(module, LayerTypeRotary)
 
 
 def find_rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every rotary embedding in ``model``."""
-    return [(name, m) for name, m in model.named_modules() if _is_rotary(m)]
+    """``(qualified name, module)`` of every rotary embedding in ``model`` (outermost ones only)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        if _is_rotary(module):
+            found.append((name, module))
+    return found
 
 
-def _rope_parameters(config) -> dict[str, Any]:
+def _rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:
     """transformers 5.x ``rope_parameters`` or 4.x ``rope_scaling`` + ``rope_theta``."""
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict) and params:
+        if layer_type is not None:
+            return params.get(layer_type) or {}
         return params
     merged = dict(getattr(config, "rope_scaling", None) or {})
     if getattr(config, "rope_theta", None) is not None:
@@ -81,91 +92,111 @@ def _rope_parameters(config) -> dict[str, Any]:
     return merged
 
 
-def model_rope(model: nn.Module, module: nn.Module) -> methods.ModelRope:
-    """Read base, rotated width and original context for one rotary module."""
+def _layer_types(module: nn.Module) -> list[str]:
+    """Layer types a per-layer-type rotary module serves (those it built a RoPE for)."""
+    return sorted(getattr(module, "rope_type", {}) or {})
+
+
+def _inv_freq_pairs(module: nn.Module, layer_type: str | None) -> int:
+    if layer_type is not None:
+        return getattr(module, f"{layer_type}_inv_freq").numel()
+    if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+        return module.inv_freq.numel()
+    return module.embed_positions.shape[-1] // 2  # GPT-J: [positions, sin half | cos half]
+
+
+def model_rope(
+    model: nn.Module,
+    module: nn.Module,
+    family: families.Family | None = None,
+    layer_type: str | None = None,
+    base: dict[str, Any] | None = None,
+) -> methods.ModelRope:
+    """Read base, rotated width and original context for one rotary module.
+
+    ``base`` replaces the config's RoPE parameters (the unscaled ones a
+    saved patch recorded); ``layer_type`` picks one of a nested config.
+    """
+    family = family or families.family_of(model)
     config = getattr(module, "config", None) or model.config
-    params = _rope_parameters(config)
-    family = type(model).__name__
+    params = dict(base if base is not None else _rope_parameters(config))
+    if layer_type is not None:
+        params = dict(params.get(layer_type) or {})
+    if family.rope_theta is not None:
+        params.setdefault("rope_theta", family.rope_theta)
+    where = f"{family.name} ({family.model_type})"
     if "rope_theta" not in params:
         raise UnsupportedModelError(
-            f"{family}: its rotary module has no rope_theta in config.rope_parameters "
-            f"(keys: {sorted(params)}); per-layer-type RoPE configs are not supported yet."
+            f"{where}: its rotary module has no rope_theta in config.rope_parameters (keys: {sorted(params)}); "
+            "add this family to rope_ntk/families.py with where its base lives."
         )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
-    dim = int(head_dim * partial)
-    pairs = module.inv_freq.numel()
+    if family.rotary_dim_key is not None:
+        dim = getattr(config, family.rotary_dim_key, None)
+        if not dim:
+            raise UnsupportedModelError(f"{where}: config.{family.rotary_dim_key} is not set; the rotated width is unknown.")
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+        dim = int(head_dim * partial)
+    pairs = _inv_freq_pairs(module, layer_type)
     if dim != 2 * pairs:
         raise UnsupportedModelError(
-            f"{family}: rotary module has {pairs} frequency pairs but the config implies a rotated width of {dim}; "
+            f"{where}: rotary module has {pairs} frequency pairs but the config implies a rotated width of {dim}; "
             "this rotary layout is not supported."
         )
+    max_positions = getattr(config, "max_position_embeddings", None)
     original = (
         params.get("original_max_position_embeddings")
         or getattr(config, "original_max_position_embeddings", None)
-        or config.max_position_embeddings
+        or max_positions
     )
-    return methods.ModelRope(float(params["rope_theta"]), dim, int(original))
+    return methods.ModelRope(float(params["rope_theta"]), int(dim), int(original), max_positions)
 
 
-def _check_layout(model: nn.Module, name: str, original: nn.Module, rope: methods.ModelRope) -> None:
-    """Refuse modules whose (cos, sin) layout differs from rotate-half.
+def _check_layout(
+    model: nn.Module, name: str, original: nn.Module, replacement: ScaledRotaryEmbedding, layer_type: str | None
+) -> None:
+    """Refuse modules whose output differs in form from the replacement's.
 
-    The original module and an unscaled replacement are run on positions
-    0..15; a different shape or values (e.g. an interleaved layout) mean the
-    replacement would silently rotate the wrong channels.
+    The original module and the unscaled replacement in the family's layout
+    are run on positions 0..15; a different structure, shape or values mean
+    the replacement would silently rotate the wrong channels.
     """
-    device = original.inv_freq.device
+    device = replacement.inv_freq.device
     x = torch.zeros(1, 1, dtype=torch.float32, device=device)
     positions = torch.arange(16, device=device)[None]
-    reference = ScaledRotaryEmbedding("none", {}, rope, device=device)
-    family = type(model).__name__
+    reference = ScaledRotaryEmbedding("none", {}, replacement.rope, device=device, layout=replacement.layout)
+    family = families.family_of(model)
+    extra = () if layer_type is None else (layer_type,)
     try:
-        got = original(x, positions)
+        got = original(x, positions, *extra)
     except Exception as exc:  # the module's own signature is the problem here
         raise UnsupportedModelError(
-            f"{family}: rotary module {name!r} ({type(original).__name__}) cannot be called as (x, position_ids): "
-            f"{exc}"
+            f"{family.name}: rotary module {name!r} ({type(original).__name__}) cannot be called as "
+            f"(x, position_ids{', layer_type' if extra else ''}): {exc}"
         ) from None
     want = reference(x, positions)
-    same = (
-        isinstance(got, tuple)
-        and len(got) == 2
-        and all(g.shape == w.shape for g, w in zip(got, want))
-    )
-    rope_type = _rope_parameters(getattr(original, "config", None) or model.config).get("rope_type", "default")
+    same = isinstance(got, tuple) and len(got) == 2 and all(g.shape == w.shape for g, w in zip(got, want))
+    config = getattr(original, "config", None) or model.config
+    rope_type = _rope_parameters(config, layer_type).get("rope_type", "default")
     if same and rope_type == "default":
         same = all(torch.allclose(g.float(), w.float(), atol=2e-2) for g, w in zip(got, want))
     if not same:
         raise UnsupportedModelError(
-            f"{family}: rotary module {name!r} ({type(original).__name__}) does not return rotate-half (cos, sin) "
-            "of shape [batch, seq, dim]; patching it would rotate the wrong channels."
+            f"{family.name}: rotary module {name!r} ({type(original).__name__}) does not return {replacement.layout!r}-"
+            "layout angles of the expected shape; patching it would rotate the wrong channels."
         )
-
-
-def _native_rope_parameters(method: methods.Method, params: dict[str, Any], rope: methods.ModelRope) -> dict[str, Any]:
-    """The scaling as transformers would spell it in ``rope_parameters``."""
-    recorded: dict[str, Any] = {"rope_type": method.hf_rope_type or "default", "rope_theta": rope.rope_theta}
-    if method.name == "ntk":
-        # static NTK is exactly the default RoPE with a larger base
-        from .formulas import ntk_base
-
-        recorded["rope_theta"] = ntk_base(rope.rope_theta, rope.dim, params["alpha"])
-        return recorded
-    for key, value in params.items():
-        if key != "alpha":
-            recorded[key] = value
-    if method.name == "yarn":
-        recorded.setdefault("original_max_position_embeddings", rope.original_max_position_embeddings)
-    return recorded
 
 
 def _config_keys(config) -> tuple[str, ...]:
     # 5.x keeps everything in rope_parameters (rope_scaling is a deprecated
     # alias there, so it is not touched); 4.x splits rope_scaling/rope_theta.
-    if isinstance(getattr(config, "rope_parameters", None), dict):
-        return ("rope_parameters", CONFIG_KEY)
-    return ("rope_scaling", "rope_theta", CONFIG_KEY)
+    keys = ("rope_parameters", CONFIG_KEY)
+    if not isinstance(getattr(config, "rope_parameters", None), dict):
+        keys = ("rope_scaling", "rope_theta", CONFIG_KEY)
+    if hasattr(config, "original_max_position_embeddings"):  # Phi-3 reads it over rope_parameters
+        keys += ("original_max_position_embeddings",)
+    return keys
 
 
 def _backup_config(config) -> dict[str, Any]:
@@ -180,62 +211,192 @@ def _restore_config(config, backup: dict[str, Any]) -> None:
             delattr(config, key)
 
 
-def _record_config(config, method: methods.Method, params: dict[str, Any], rope: methods.ModelRope) -> None:
-    native = _native_rope_parameters(method, params, rope)
-    if isinstance(getattr(config, "rope_parameters", None), dict):
-        config.rope_parameters = native
-    else:  # transformers 4.x schema
-        config.rope_theta = native.pop("rope_theta")
-        native["type"] = native.pop("rope_type")
-        config.rope_scaling = None if native["type"] == "default" else native
-    setattr(config, CONFIG_KEY, {"method": method.name, "params": dict(params)})
+# keys of a RoPE dict that describe the model rather than the scaling; kept when a scaling is recorded
+_MODEL_KEYS = ("partial_rotary_factor", "mrope_section")
 
 
-def patch(model: nn.Module, method: str, **params: Any) -> PatchHandle:
+def _native_entry(spec, resolved, rope: methods.ModelRope, unscaled: dict[str, Any]) -> dict[str, Any] | None:
+    native = methods.to_hf(spec, resolved, rope)
+    if native is not None:
+        native.update({k: unscaled[k] for k in _MODEL_KEYS if k in unscaled})
+    return native
+
+
+def _record_config(config, family, spec, resolved, ropes: dict[str | None, tuple[methods.ModelRope, bool]],
+                   original: dict[str, Any], scaled_types: list[str] | None) -> bool:
+    """Write the scaling into ``config``; return whether transformers alone can reproduce it.
+
+    ``ropes`` maps a layer type (None for a flat config) to (model numbers,
+    scaled?). The unscaled RoPE parameters always go into the rope_ntk entry,
+    so a saved model can be reloaded and re-patched without stacking.
+    """
+    entries: dict[str | None, dict[str, Any] | None] = {}
+    for layer_type, (rope, scaled) in ropes.items():
+        unscaled = original.get(layer_type, {}) if layer_type is not None else original
+        entries[layer_type] = _native_entry(spec, resolved, rope, unscaled) if scaled else dict(unscaled)
+    accepted = family.native_rope_types
+    native = family.native and all(
+        entry is not None and (accepted is None or entry.get("rope_type", "default") in accepted)
+        for entry in entries.values()
+    )
+    if native and isinstance(getattr(config, "rope_parameters", None), dict):
+        if None in entries:
+            config.rope_parameters = entries[None]
+        else:
+            config.rope_parameters = {**config.rope_parameters, **entries}
+        if hasattr(config, "original_max_position_embeddings") and None in entries:
+            config.original_max_position_embeddings = entries[None].get(
+                "original_max_position_embeddings", config.original_max_position_embeddings
+            )
+    elif native and None in entries:  # transformers 4.x schema
+        recorded = dict(entries[None])
+        config.rope_theta = recorded.pop("rope_theta")
+        recorded["type"] = recorded.pop("rope_type")
+        config.rope_scaling = None if recorded["type"] == "default" else recorded
+    else:
+        native = False
+    setattr(config, CONFIG_KEY, {
+        "method": spec.name,
+        "params": dict(resolved),
+        "layer_types": scaled_types,
+        "native": native,
+        "original": copy.deepcopy(original),
+    })
+    return native
+
+
+def _recorded_original(model: nn.Module) -> dict[str, Any] | None:
+    """Unscaled RoPE parameters a saved patch left in the config, if any."""
+    entry = getattr(model.config, CONFIG_KEY, None)
+    if isinstance(entry, dict) and isinstance(entry.get("original"), dict):
+        return entry["original"]
+    return None
+
+
+def _unscaled_rope_parameters(model: nn.Module, state: "_PatchState | None") -> dict[str, Any]:
+    """The RoPE parameters a new patch starts from: never those of an earlier patch."""
+    if state is None:
+        recorded = _recorded_original(model)
+        return copy.deepcopy(recorded if recorded is not None else _rope_parameters(model.config))
+    backup = state.config_backup
+    if isinstance((backup.get(CONFIG_KEY) or {}).get("original"), dict):
+        return copy.deepcopy(backup[CONFIG_KEY]["original"])
+    if isinstance(backup.get("rope_parameters"), dict):
+        return copy.deepcopy(backup["rope_parameters"])
+    merged = dict(backup.get("rope_scaling") or {})
+    if backup.get("rope_theta") is not None:
+        merged.setdefault("rope_theta", backup["rope_theta"])
+    return merged
+
+
+def _softmax_scales(model, family, spec, resolved) -> list[tuple[nn.Module, float]]:
+    """(attention module, new softmax scale) for families whose attention reads YaRN's mscale_all_dim."""
+    if family.softmax_mscale_dim_key is None:
+        return []
+    mscale_all_dim = resolved.get("mscale_all_dim") or 0.0
+    if mscale_all_dim and spec.dynamic:
+        raise InvalidParameterError(
+            f"mscale_all_dim={mscale_all_dim!r} for method {spec.name!r} on {family.name}: its softmax scale would "
+            "have to follow the length; use the static 'yarn' method with mscale_all_dim."
+        )
+    scale = getattr(model.config, family.softmax_mscale_dim_key) ** -0.5
+    if mscale_all_dim and resolved.get("factor"):
+        scale *= formulas.yarn_mscale(resolved["factor"], mscale_all_dim) ** 2
+    return [(m, scale) for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "scaling")]
+
+
+def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None, **params: Any) -> PatchHandle:
     """Replace the rotary embeddings of ``model`` with ``method``'s.
 
     ``params`` are the method's parameters (see ``rope_ntk.METHODS``), e.g.
-    ``patch(model, "yarn", factor=4)``. Returns a handle that is also a
-    context manager. Raises ``InvalidParameterError`` for bad methods or
-    parameters and ``UnsupportedModelError`` for models without a
-    rotate-half rotary embedding, before anything is changed.
+    ``patch(model, "yarn", factor=4)``. ``layer_types`` picks which layer
+    types a per-layer-type family scales (default: its row in
+    ``rope_ntk.families``, e.g. Gemma 3's global layers). Returns a handle
+    that is also a context manager. Raises ``InvalidParameterError`` for bad
+    methods or parameters and ``UnsupportedModelError`` for models whose
+    rotary embedding rope_ntk cannot replace, before anything is changed.
     """
     spec = methods.get_method(method)
     resolved = methods.validate_params(spec, params)
-    if getattr(model, _STATE_ATTR, None) is not None:
-        unpatch(model)
-
-    found = find_rotary_modules(model)
+    family = families.family_of(model)
+    if family.unsupported:
+        raise UnsupportedModelError(f"{family.name} ({family.model_type}) is not supported: {family.unsupported}")
+    found = [(n, m) for n, m in find_rotary_modules(model) if not isinstance(m, LayerTypeRotary)]
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is not None:  # patch the original modules again, never the replacements
+        found = [(slot.name, slot.original) for slot in state.slots]
     if not found:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no rotary embedding module (no submodule with an inv_freq buffer); "
             "rope_ntk patches models that use RoPE, such as Llama, Mistral and Qwen2."
         )
+    original = _unscaled_rope_parameters(model, state)
+    base = original
+
     named = dict(model.named_modules())
     slots, replacements = [], []
-    for name, original in found:
-        rope = model_rope(model, original)
-        _check_layout(model, name, original, rope)
+    ropes: dict[str | None, tuple[methods.ModelRope, bool]] = {}
+    scaled_types = None
+    for name, module in found:
+        device = next(module.buffers()).device
+        if family.per_layer_type:
+            served = _layer_types(module)
+            scaled_types = list(layer_types or family.scaled_layer_types or served)
+            unknown = sorted(set(scaled_types) - set(served))
+            if unknown:
+                raise InvalidParameterError(
+                    f"layer_types={layer_types!r} names {unknown}, which {family.name} does not have; "
+                    f"valid: {', '.join(served)}."
+                )
+            by_type = {}
+            for layer_type in served:
+                rope = model_rope(model, module, family, layer_type, base)
+                scaled = layer_type in scaled_types
+                by_type[layer_type] = ScaledRotaryEmbedding(
+                    spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout
+                )
+                _check_layout(model, name, module, by_type[layer_type], layer_type)
+                ropes[layer_type] = (rope, scaled)
+            new: nn.Module = LayerTypeRotary(by_type)
+        else:
+            if layer_types is not None:
+                raise InvalidParameterError(
+                    f"layer_types={layer_types!r} was given but {family.name} has one RoPE for every layer; "
+                    "leave layer_types out."
+                )
+            rope = model_rope(model, module, family, None, base)
+            new = ScaledRotaryEmbedding(spec.name, resolved, rope, device=device, layout=family.layout)
+            _check_layout(model, name, module, new, None)
+            ropes.setdefault(None, (rope, True))
         parent_name, _, attr = name.rpartition(".")
-        slots.append(_Slot(named[parent_name] if parent_name else model, attr, name, original))
-        replacements.append(ScaledRotaryEmbedding(spec.name, resolved, rope, device=original.inv_freq.device))
+        slots.append(_Slot(named[parent_name] if parent_name else model, attr, name, module))
+        replacements.append(new)
+    softmax = _softmax_scales(model, family, spec, resolved)
 
+    # nothing has changed up to here; from here on nothing can fail
+    if state is not None:
+        unpatch(model)
     config_backup = _backup_config(model.config)
     for slot, new in zip(slots, replacements):
         setattr(slot.parent, slot.attr, new)
-    _record_config(model.config, spec, resolved, replacements[0].rope)
-    setattr(model, _STATE_ATTR, _PatchState(slots, config_backup))
+    scales_backup = [(m, m.scaling) for m, _ in softmax]
+    for m, scale in softmax:
+        m.scaling = scale
+    _record_config(model.config, family, spec, resolved, ropes, original, scaled_types)
+    setattr(model, _STATE_ATTR, _PatchState(slots, config_backup, scales_backup))
     logger.info("patched %d rotary module(s) of %s with %s %s", len(slots), type(model).__name__, spec.name, resolved)
     return PatchHandle(model, spec.name, resolved, [s.name for s in slots])
 
 
 def unpatch(model: nn.Module) -> None:
-    """Put the original rotary modules and config back (no-op if unpatched)."""
+    """Put the original rotary modules, softmax scales and config back (no-op if unpatched)."""
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return
     for slot in state.slots:
         setattr(slot.parent, slot.attr, slot.original)
+    for module, scale in state.softmax_scales:
+        module.scaling = scale
     _restore_config(model.config, state.config_backup)
     delattr(model, _STATE_ATTR)
 
@@ -245,18 +406,46 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> list[dict[str, Any]]:
-    """One entry per rotary module: its name, class, method and parameters."""
+    """One entry per rotary module (per layer type where it keeps several):
+    its name, class, method, parameters and attention factor."""
     entries = []
     for name, module in find_rotary_modules(model):
-        entry: dict[str, Any] = {"module": name, "class": type(module).__name__}
+        if isinstance(module, LayerTypeRotary):
+            for layer_type, sub in module.by_type.items():
+                entries.append({"module": name, "layer_type": layer_type, "class": type(sub).__name__, **sub.describe()})
+            continue
         if isinstance(module, ScaledRotaryEmbedding):
-            entry.update(module.describe())
-        else:
-            params = _rope_parameters(getattr(module, "config", None) or model.config)
+            entries.append({"module": name, "class": type(module).__name__, **module.describe()})
+            continue
+        config = getattr(module, "config", None) or model.config
+        served = _layer_types(module) if isinstance(getattr(module, "rope_type", None), dict) else [None]
+        for layer_type in served:
+            params = _rope_parameters(config, layer_type)
             rope_type = params.get("rope_type", "default")
+            entry: dict[str, Any] = {"module": name, "class": type(module).__name__}
+            if layer_type is not None:
+                entry["layer_type"] = layer_type
             entry["method"] = "none" if rope_type == "default" else f"transformers:{rope_type}"
             entry["params"] = {k: v for k, v in params.items() if k not in ("rope_type", "rope_theta")}
-            entry["rope_theta"] = params.get("rope_theta")
-            entry["attention_factor"] = float(getattr(module, "attention_scaling", 1.0))
-        entries.append(entry)
+            entry["rope_theta"] = params.get("rope_theta", families.family_of(model).rope_theta)
+            suffix = f"{layer_type}_" if layer_type else ""
+            entry["attention_factor"] = float(getattr(module, f"{suffix}attention_scaling", 1.0))
+            entries.append(entry)
     return entries
+
+
+def apply_recorded(model: nn.Module) -> PatchHandle | None:
+    """Re-apply the patch a saved config recorded (``config.rope_ntk``); None if there is none.
+
+    Needed for methods transformers cannot express (``dynamic-yarn``, GPT-J);
+    harmless for native ones, which then run in rope_ntk's module.
+    """
+    entry = getattr(model.config, CONFIG_KEY, None)
+    if not isinstance(entry, dict) or is_patched(model):
+        return None
+    if not isinstance(entry.get("method"), str) or not isinstance(entry.get("params"), dict):
+        raise InvalidParameterError(
+            f"config.{CONFIG_KEY}={entry!r} is not a rope_ntk record; it needs 'method' (a string) and "
+            "'params' (a dict)."
+        )
+    return patch(model, entry["method"], layer_types=entry.get("layer_types"), **entry["params"])

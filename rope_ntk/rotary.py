@@ -118,3 +118,19 @@ class ScaledRotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"method={self.method.name}, {params}, dim={self.rope.dim}, rope_theta={self.rope.rope_theta:g}"
+
+
+class LayerTypeRotary(nn.Module):
+    """Stands in for a rotary module that keeps one RoPE per layer type (Gemma 3).
+
+    Called as ``(x, position_ids, layer_type)`` like the module it replaces;
+    each layer type has its own ``ScaledRotaryEmbedding`` (scaled, or the
+    ``none`` method with that layer type's own base).
+    """
+
+    def __init__(self, by_type: dict[str, ScaledRotaryEmbedding]):
+        super().__init__()
+        self.by_type = nn.ModuleDict(by_type)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
+        return self.by_type[layer_type](x, position_ids)

@@ -72,7 +72,13 @@ def test_unpatch_restores_model_and_config_bit_for_bit(model, method, params, lo
     assert not hasattr(model.config, "rope_ntk")
 
     rope_ntk.patch(model, method, **params)
-    assert model.config.rope_ntk == {"method": method, "params": RESOLVED[method]}
+    assert model.config.rope_ntk == {
+        "method": method,
+        "params": RESOLVED[method],
+        "layer_types": None,
+        "native": True,
+        "original": original_rope,  # the unscaled RoPE, so a saved patch can be re-applied without stacking
+    }
     assert rope_ntk.describe(model)[0]["params"] == RESOLVED[method]
     assert model.config.rope_parameters != original_rope
     logits_of(model, long_ids)
@@ -100,7 +106,8 @@ def test_patch_records_native_rope_parameters(llama):
     }
     rope_ntk.patch(llama, "linear", factor=3)
     assert llama.config.rope_parameters == {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 3.0}
-    assert llama.config.rope_ntk == {"method": "linear", "params": {"factor": 3.0}}
+    assert llama.config.rope_ntk["method"] == "linear" and llama.config.rope_ntk["params"] == {"factor": 3.0}
+    assert llama.config.rope_ntk["original"] == {"rope_type": "default", "rope_theta": 10_000.0}
 
 
 @pytest.mark.parametrize("first,second", [(METHODS[0], METHODS[3]), (METHODS[3], METHODS[1]), (METHODS[2], METHODS[0])])

@@ -51,3 +51,45 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
 def token_ids(length: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+# Per-family overrides that keep every family tiny and valid (token ids inside
+# the vocabulary, head width 16, a few small experts, two layers of each kind).
+MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+FAMILY_SIZES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    # head_dim given: transformers' own dynamic / yarn / longrope fail on Mixtral's head_dim=None
+    "mixtral": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": {},
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "qwen3": dict(head_dim=16),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "phi": dict(num_key_value_heads=4),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=ORIGINAL),
+    "gpt_neox": dict(num_key_value_heads=4, bos_token_id=1, eos_token_id=2),
+    "gptj": dict(rotary_dim=8, bos_token_id=1, eos_token_id=2, num_key_value_heads=4),
+    "stablelm": dict(num_key_value_heads=4),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32),
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "olmo": {},
+    "olmo2": {},
+    "cohere": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "falcon": dict(num_key_value_heads=4, bos_token_id=1, eos_token_id=2),
+    "granite": {},
+    "deepseek_v3": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=None,
+                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=1, topk_group=1, n_shared_experts=1),
+    "starcoder2": {},
+    "persimmon": dict(num_key_value_heads=4),
+    "helium": dict(head_dim=16),
+    "nemotron": dict(head_dim=16, bos_token_id=1, eos_token_id=2),
+}
+
+
+def make_family_config(model_type: str, **overrides):
+    """A tiny config of any family in FAMILY_SIZES; ``overrides`` win."""
+    return make_config(model_type, **{**FAMILY_SIZES[model_type], **overrides})

@@ -1,0 +1,105 @@
+"""Family quirks as data: one row per Hugging Face ``model_type``.
+
+The patcher reads only this table to learn how a family's rotary module
+hands angles to its attention (``layout``), where its base and rotated
+width live when the config has no ``rope_parameters`` (GPT-J), whether the
+module serves several layer types with their own RoPE (Gemma 3), and
+whether attention itself reads the RoPE config (DeepSeek's softmax scale).
+
+A ``model_type`` missing here is patched as a rotate-half family, after a
+check that its module really returns rotate-half (cos, sin); a family that
+cannot be patched correctly has ``unsupported`` set to the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family's rotary embedding is built and consumed."""
+
+    model_type: str
+    name: str
+    # how (cos, sin) reach attention: see rotary.LAYOUTS
+    layout: str = "half"
+    # the module is called as (x, position_ids, layer_type) and keeps one RoPE per layer type
+    per_layer_type: bool = False
+    # layer types a patch scales by default (the others keep their own, unscaled RoPE); None: all
+    scaled_layer_types: tuple[str, ...] | None = None
+    # base and rotated-width attribute when the config has no rope_parameters
+    rope_theta: float | None = None
+    rotary_dim_key: str | None = None
+    # transformers reads rope_parameters for this family (False: scaling lives only in rope_ntk's record)
+    native: bool = True
+    # the rope_type values transformers accepts for this family; None: all of them
+    native_rope_types: tuple[str, ...] | None = None
+    # attention modules multiply their softmax scale by yarn_mscale(factor, mscale_all_dim)**2;
+    # the value names the config attribute of the query-key width the unscaled scale comes from
+    softmax_mscale_dim_key: str | None = None
+    unsupported: str | None = None
+    note: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in [
+        Family("llama", "Llama"),
+        Family("mistral", "Mistral"),
+        Family("mixtral", "Mixtral"),
+        Family("qwen2", "Qwen2"),
+        Family("qwen2_moe", "Qwen2-MoE"),
+        Family("qwen3", "Qwen3"),
+        Family("qwen3_moe", "Qwen3-MoE"),
+        Family("phi", "Phi", note="partial rotary"),
+        Family(
+            "phi3",
+            "Phi-3",
+            native_rope_types=("default", "longrope"),
+            note="transformers accepts only default and longrope here; other methods are reapplied by rope_ntk",
+        ),
+        Family("gpt_neox", "GPT-NeoX", note="partial rotary"),
+        Family(
+            "gptj",
+            "GPT-J",
+            layout="sin-cos",
+            rope_theta=10_000.0,
+            rotary_dim_key="rotary_dim",
+            native=False,
+            note="interleaved pairs, (sin, cos) table; no native scaling: reapplied by rope_ntk on load",
+        ),
+        Family("stablelm", "StableLM", note="partial rotary"),
+        Family("gemma", "Gemma"),
+        Family("gemma2", "Gemma 2"),
+        Family(
+            "gemma3_text",
+            "Gemma 3",
+            per_layer_type=True,
+            scaled_layer_types=("full_attention",),
+            note="local layers keep their own base, unscaled; global layers scaled",
+        ),
+        Family("olmo", "OLMo"),
+        Family("olmo2", "OLMo 2"),
+        Family("cohere", "Cohere", layout="interleaved", note="interleaved pairs"),
+        Family("falcon", "Falcon"),
+        Family("granite", "Granite"),
+        Family(
+            "deepseek_v3",
+            "DeepSeek-V3",
+            softmax_mscale_dim_key="qk_head_dim",
+            note="rotary part of MLA heads; YaRN mscale_all_dim also scales the softmax",
+        ),
+        Family("starcoder2", "StarCoder2"),
+        Family("persimmon", "Persimmon", note="partial rotary"),
+        Family("helium", "Helium"),
+        Family("nemotron", "Nemotron", note="partial rotary"),
+    ]
+}
+
+
+def family_of(model) -> Family:
+    """The row for ``model``'s ``config.model_type``, or a rotate-half default."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    return FAMILIES.get(model_type) or Family(model_type, type(model).__name__)
