@@ -11,13 +11,29 @@ from .formulas import RopeFrequencies
 from .loading import load_model, to_dtype
 from .data import load_corpus
 from .methods import METHODS, get_method, validate_params
-from .patching import PatchHandle, describe, find_rotary_modules, is_patched, patch, unpatch
+from .patching import (
+    PatchHandle,
+    apply_recorded,
+    describe,
+    find_rotary_modules,
+    is_patched,
+    patch,
+    patch_from_hf,
+    unpatch,
+)
 from .rotary import ScaledRotaryEmbedding
+from .saving import from_pretrained, save_pretrained
+from .families import FAMILIES
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAMILIES",
     "METHODS",
+    "apply_recorded",
+    "from_pretrained",
+    "patch_from_hf",
+    "save_pretrained",
     "CorpusError",
     "InvalidParameterError",
     "ModelLoadError",

@@ -106,6 +106,9 @@ def load_model(
         )
         raise ModelLoadError(f"could not load model={model!r} ({kind}): {exc}.{hint}") from None
     lm.eval().to(device)
+    from .patching import apply_recorded
+
+    apply_recorded(lm)  # a model saved patched comes back patched
     if torch_dtype != torch.float32:
         to_dtype(lm, torch_dtype)
     return lm, tokenizer

@@ -455,3 +455,37 @@ def frequencies(
     method = get_method(method) if isinstance(method, str) else method
     original = int(params.get("original_max_position_embeddings") or rope.original_max_position_embeddings)
     return method.compute(params, rope, original, seq_len or original)
+
+
+# keys of a transformers RoPE dict that describe the model, not the scaling
+HF_MODEL_KEYS = ("rope_theta", "partial_rotary_factor", "mrope_section")
+
+
+def from_hf(rope: Any, argument: str = "rope_parameters") -> tuple[Method, dict[str, Any]]:
+    """Method and validated parameters of a transformers RoPE dict.
+
+    Accepts the 5.x ``rope_parameters`` and the 4.x ``rope_scaling`` schema:
+    the type under ``rope_type`` or ``type``, int or float numbers. Model
+    keys (``rope_theta``, ``partial_rotary_factor``) are not parameters and
+    are skipped. Problems raise ``InvalidParameterError`` naming the key.
+    """
+    if not isinstance(rope, dict):
+        raise InvalidParameterError(f"{argument}={rope!r} must be a dict such as {{'rope_type': 'yarn', 'factor': 4}}.")
+    given = [rope[k] for k in ("rope_type", "type") if k in rope]
+    if len(given) == 2 and given[0] != given[1]:
+        raise InvalidParameterError(
+            f"{argument}['rope_type']={given[0]!r} and {argument}['type']={given[1]!r} disagree; give one."
+        )
+    rope_type = given[0] if given else "default"
+    by_type = {m.hf_rope_type: m for m in METHODS.values() if m.hf_rope_type and m.name != "ntk-by-parts"}
+    if rope_type not in by_type:
+        raise InvalidParameterError(
+            f"{argument}['rope_type']={rope_type!r} is not a RoPE type rope_ntk can reproduce; "
+            f"valid: {', '.join(by_type)}."
+        )
+    method = by_type[rope_type]
+    params = {k: v for k, v in rope.items() if k not in ("rope_type", "type", *HF_MODEL_KEYS)}
+    try:
+        return method, validate_params(method, params)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"{argument} (rope_type {rope_type!r}): {exc}") from None

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import families, formulas, methods
 from .errors import InvalidParameterError, UnsupportedModelError
-from .rotary import LayerTypeRotary, ScaledRotaryEmbedding
+from .rotary import LayerTypeRotary, ScaledRotaryEmbedding, rotary_output
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +158,22 @@ def _check_layout(
 ) -> None:
     """Refuse modules whose output differs in form from the replacement's.
 
-    The original module and the unscaled replacement in the family's layout
-    are run on positions 0..15; a different structure, shape or values mean
-    the replacement would silently rotate the wrong channels.
+    The original module runs on positions 0..15 and must return what its
+    own unscaled frequencies (its ``original_inv_freq`` buffer) give in the
+    family's layout; a different structure, shape or values mean the
+    replacement would silently rotate the wrong channels.
     """
     device = replacement.inv_freq.device
     x = torch.zeros(1, 1, dtype=torch.float32, device=device)
     positions = torch.arange(16, device=device)[None]
-    reference = ScaledRotaryEmbedding("none", {}, replacement.rope, device=device, layout=replacement.layout)
+    prefix = f"{layer_type}_" if layer_type else ""
+    own = getattr(original, f"{prefix}original_inv_freq", None)
+    own = own if isinstance(own, torch.Tensor) else getattr(original, f"{prefix}inv_freq", None)
+    if isinstance(own, torch.Tensor):
+        scale = float(getattr(original, f"{prefix}attention_scaling", 1.0))
+        want = rotary_output(positions, own.float(), scale, replacement.layout, torch.float32)
+    else:  # GPT-J: a fixed table of the default RoPE
+        want = ScaledRotaryEmbedding("none", {}, replacement.rope, device=device, layout=replacement.layout)(x, positions)
     family = families.family_of(model)
     extra = () if layer_type is None else (layer_type,)
     try:
@@ -175,12 +183,9 @@ def _check_layout(
             f"{family.name}: rotary module {name!r} ({type(original).__name__}) cannot be called as "
             f"(x, position_ids{', layer_type' if extra else ''}): {exc}"
         ) from None
-    want = reference(x, positions)
     same = isinstance(got, tuple) and len(got) == 2 and all(g.shape == w.shape for g, w in zip(got, want))
-    config = getattr(original, "config", None) or model.config
-    rope_type = _rope_parameters(config, layer_type).get("rope_type", "default")
-    if same and rope_type == "default":
-        same = all(torch.allclose(g.float(), w.float(), atol=2e-2) for g, w in zip(got, want))
+    if same:
+        same = all(torch.allclose(g.float(), w, atol=2e-2) for g, w in zip(got, want))
     if not same:
         raise UnsupportedModelError(
             f"{family.name}: rotary module {name!r} ({type(original).__name__}) does not return {replacement.layout!r}-"
@@ -449,3 +454,15 @@ def apply_recorded(model: nn.Module) -> PatchHandle | None:
             "'params' (a dict)."
         )
     return patch(model, entry["method"], layer_types=entry.get("layer_types"), **entry["params"])
+
+
+def patch_from_hf(model: nn.Module, rope: dict[str, Any], argument: str = "rope_parameters") -> PatchHandle:
+    """Patch ``model`` with the scaling a transformers RoPE dict describes (5.x or 4.x schema).
+
+    transformers' ``dynamic`` measures length against ``max_position_embeddings``,
+    so that is the original length unless the dict names one.
+    """
+    method, params = methods.from_hf(rope, argument)
+    if method.name == "dynamic-ntk" and "original_max_position_embeddings" not in params:
+        params["original_max_position_embeddings"] = model.config.max_position_embeddings
+    return patch(model, method.name, **params)

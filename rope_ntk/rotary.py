@@ -26,6 +26,24 @@ from .formulas import RopeFrequencies
 LAYOUTS = ("half", "interleaved", "sin-cos")
 
 
+def rotary_output(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, layout: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a rotary module of ``layout`` returns for float32 ``inv_freq``."""
+    # [batch, seq, 1] * [dim/2] -> [batch, seq, dim/2]
+    freqs = position_ids[..., None].to(torch.float32) * inv_freq
+    if layout == "half":
+        freqs = torch.cat((freqs, freqs), dim=-1)  # [batch, seq, dim]
+    elif layout == "interleaved":
+        freqs = freqs.repeat_interleave(2, dim=-1)  # [batch, seq, dim]
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    if layout == "sin-cos":
+        return sin.to(dtype), cos.to(dtype)
+    return cos.to(dtype), sin.to(dtype)
+
+
 class ScaledRotaryEmbedding(nn.Module):
     """Rotary embedding for one registry method, static or dynamic.
 
@@ -90,18 +108,7 @@ class ScaledRotaryEmbedding(nn.Module):
         # position_ids: [batch, seq] -> cos, sin: [batch, seq, dim]
         seq_len = int(position_ids.max()) + 1 if self.method.dynamic else 0
         inv_freq, scale = self.frequencies_for(seq_len)
-        # [batch, seq, 1] * [dim/2] -> [batch, seq, dim/2]
-        freqs = position_ids[..., None].to(torch.float32) * inv_freq.to(x.device)
-        if self.layout == "half":
-            freqs = torch.cat((freqs, freqs), dim=-1)  # [batch, seq, dim]
-        elif self.layout == "interleaved":
-            freqs = freqs.repeat_interleave(2, dim=-1)  # [batch, seq, dim]
-        cos, sin = freqs.cos(), freqs.sin()
-        if scale != 1.0:
-            cos, sin = cos * scale, sin * scale
-        if self.layout == "sin-cos":
-            return sin.to(x.dtype), cos.to(x.dtype)
-        return cos.to(x.dtype), sin.to(x.dtype)
+        return rotary_output(position_ids, inv_freq.to(x.device), scale, self.layout, x.dtype)
 
     def describe(self) -> dict[str, Any]:
         """Method, parameters and model numbers of this module, JSON-ready."""
