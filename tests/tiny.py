@@ -8,6 +8,7 @@ The models are built from ``AutoConfig.for_model`` with tiny sizes (hidden 64,
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 ORIGINAL = 64  # max_position_embeddings of every tiny config: the original context
@@ -30,8 +31,26 @@ TINY = dict(
 )
 
 
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
+def as_4x(rope: dict) -> dict:
+    """5.x ``rope_parameters`` as the 4.x keyword arguments (scripts/test_transformers4.sh)."""
+    if "full_attention" in rope:  # Gemma 3: global RoPE plus a local base
+        return {**as_4x(rope["full_attention"]), "rope_local_base_freq": rope["sliding_attention"]["rope_theta"]}
+    rope = dict(rope)
+    kwargs = {"rope_theta": rope.pop("rope_theta")}
+    if "partial_rotary_factor" in rope:
+        kwargs["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    rope_type = rope.pop("rope_type", "default")
+    kwargs["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+    return kwargs
+
+
 def make_config(family: str = "llama", **overrides):
     """A tiny config of ``family``; ``overrides`` replace the TINY sizes."""
+    if TRANSFORMERS_4 and "rope_parameters" in overrides:
+        overrides.update(as_4x(overrides.pop("rope_parameters")))
     return AutoConfig.for_model(family, **{**TINY, **overrides})
 
 
