@@ -22,7 +22,7 @@ from reference import (
     ref_yarn,
     ref_yarn_attention,
 )
-from test_parity_transformers import assert_freqs_close, hf_config, hf_frequencies
+from test_parity_transformers import assert_freqs_close, hf_config, hf_frequencies, hf_rope
 
 from rope_ntk import InvalidParameterError, formulas, methods
 
@@ -166,7 +166,7 @@ def test_llama3_matches_reference_and_transformers(theta, dim, s, L, low, high):
     config = hf_config(
         theta, dim, 1.0, L, "llama3", factor=s, low_freq_factor=low, high_freq_factor=high
     )
-    config.rope_parameters["original_max_position_embeddings"] = L
+    hf_rope(config)["original_max_position_embeddings"] = L
     theirs, their_factor = hf_frequencies(config)
     assert_freqs_close(got.inv_freq, theirs)
     assert their_factor == 1.0
@@ -197,7 +197,7 @@ def test_longrope_matches_reference_and_transformers(theta, dim, s, L):
     rope = methods.ModelRope(theta, dim, L, max_position_embeddings=int(s * L))
     resolved = methods.validate_params("longrope", {"short_factor": short, "long_factor": long})
     config = hf_config(theta, dim, 1.0, L, "longrope", short_factor=short, long_factor=long)
-    config.rope_parameters["original_max_position_embeddings"] = L
+    hf_rope(config)["original_max_position_embeddings"] = L
     config.max_position_embeddings = int(s * L)  # factor defaults to max / original, as in Phi-3
     for seq_len in (None, L // 2, L, L + 1, 4 * L):
         got = methods.frequencies("longrope", resolved, rope, seq_len)

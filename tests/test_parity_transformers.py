@@ -75,8 +75,17 @@ def hf_config(theta, head_dim, partial, L, rope_type="default", **scaling):
     )
 
 
+def hf_rope(config) -> dict:
+    """The config's RoPE dict: 5.x rope_parameters, or 4.x rope_scaling (+ rope_theta)."""
+    if isinstance(getattr(config, "rope_parameters", None), dict):
+        return config.rope_parameters
+    return {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+
+
 def hf_frequencies(config, seq_len=None):
-    rope_type = config.rope_parameters["rope_type"]
+    rope_type = hf_rope(config).get("rope_type", "default")
+    if rope_type == "default":
+        return LlamaRotaryEmbedding(config).inv_freq, 1.0
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
     return inv_freq, attention_factor
 
