@@ -38,9 +38,31 @@ class Family:
     # attention modules multiply their softmax scale by yarn_mscale(factor, mscale_all_dim)**2;
     # the value names the config attribute of the query-key width the unscaled scale comes from
     softmax_mscale_dim_key: str | None = None
+    # transformers 4.x only. Per-layer-type families there keep one rotary module per layer type
+    # (module attribute name -> layer type) and the unscaled layer types' base in their own attribute
+    # (layer type -> config attribute); e.g. Gemma 3's rotary_emb_local and rope_local_base_freq.
+    modules_4x: tuple[tuple[str, str], ...] = ()
+    base_keys_4x: tuple[tuple[str, str], ...] = ()
+    # 4.x config attributes that mirror a RoPE key and must be written along with it, e.g. GPT-NeoX's
+    # rotary_emb_base for rope_theta (its 4.x config re-derives rope_theta from it on load)
+    aliases_4x: tuple[tuple[str, str], ...] = ()
+    # 4.x configs that validate rope_scaling the old way: the rope types they accept (None: as
+    # native_rope_types) and the exact keys rope_scaling may hold besides "type" (None: any)
+    native_rope_types_4x: tuple[str, ...] | None = None
+    scaling_keys_4x: tuple[str, ...] | None = None
     unsupported: str | None = None
     note: str = ""
 
+    def accepted_rope_types(self, transformers_4: bool) -> tuple[str, ...] | None:
+        """The rope types transformers (4.x or 5.x) accepts in this family's config; None: all."""
+        if transformers_4 and self.native_rope_types_4x is not None:
+            return self.native_rope_types_4x
+        return self.native_rope_types
+
+
+# OLMo's 4.x configs accept only {"type": linear | dynamic, "factor": float > 1}
+OLD_STYLE_4X = ("default", "linear", "dynamic")
+OLD_STYLE_NOTE = "transformers 4.x accepts only linear and dynamic here; other methods are reapplied by rope_ntk there"
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -57,9 +79,16 @@ FAMILIES: dict[str, Family] = {
             "phi3",
             "Phi-3",
             native_rope_types=("default", "longrope"),
-            note="transformers accepts only default and longrope here; other methods are reapplied by rope_ntk",
+            scaling_keys_4x=("short_factor", "long_factor"),
+            note="transformers accepts only default and longrope here; other methods are reapplied by rope_ntk; "
+            "transformers 4.x takes longrope's factor as max_position_embeddings / original_max_position_embeddings",
         ),
-        Family("gpt_neox", "GPT-NeoX", note="partial rotary"),
+        Family(
+            "gpt_neox",
+            "GPT-NeoX",
+            aliases_4x=(("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")),
+            note="partial rotary",
+        ),
         Family(
             "gptj",
             "GPT-J",
@@ -77,10 +106,12 @@ FAMILIES: dict[str, Family] = {
             "Gemma 3",
             per_layer_type=True,
             scaled_layer_types=("full_attention",),
+            modules_4x=(("rotary_emb", "full_attention"), ("rotary_emb_local", "sliding_attention")),
+            base_keys_4x=(("sliding_attention", "rope_local_base_freq"),),
             note="local layers keep their own base, unscaled; global layers scaled",
         ),
-        Family("olmo", "OLMo"),
-        Family("olmo2", "OLMo 2"),
+        Family("olmo", "OLMo", native_rope_types_4x=OLD_STYLE_4X, scaling_keys_4x=("factor",), note=OLD_STYLE_NOTE),
+        Family("olmo2", "OLMo 2", native_rope_types_4x=OLD_STYLE_4X, scaling_keys_4x=("factor",), note=OLD_STYLE_NOTE),
         Family("cohere", "Cohere", layout="interleaved", note="interleaved pairs"),
         Family("falcon", "Falcon"),
         Family("granite", "Granite"),
@@ -93,7 +124,12 @@ FAMILIES: dict[str, Family] = {
         Family("starcoder2", "StarCoder2"),
         Family("persimmon", "Persimmon", note="partial rotary"),
         Family("helium", "Helium"),
-        Family("nemotron", "Nemotron", note="partial rotary"),
+        Family(
+            "nemotron",
+            "Nemotron",
+            native_rope_types_4x=("default",),
+            note="partial rotary; transformers 4.x builds only the default RoPE here (reapplied by rope_ntk there)",
+        ),
     ]
 }
 

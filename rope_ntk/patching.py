@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,17 +81,120 @@ def find_rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:
-    """transformers 5.x ``rope_parameters`` or 4.x ``rope_scaling`` + ``rope_theta``."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and params:
-        if layer_type is not None:
-            return params.get(layer_type) or {}
-        return params
+def _flat_4x(config) -> dict[str, Any]:
+    """transformers 4.x ``rope_scaling`` + ``rope_theta`` as one dict, the type under ``rope_type``."""
     merged = dict(getattr(config, "rope_scaling", None) or {})
+    spelled = merged.pop("type", None)  # older 4.x configs spell the type "type"
+    if spelled is not None:
+        merged.setdefault("rope_type", spelled)
     if getattr(config, "rope_theta", None) is not None:
         merged.setdefault("rope_theta", config.rope_theta)
     return merged
+
+
+def _rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:
+    """transformers 5.x ``rope_parameters``, or the same dict read from a 4.x config.
+
+    4.x keeps ``rope_scaling`` and ``rope_theta`` apart, and per-layer-type
+    families there have the unscaled layer types' base in its own attribute
+    (Gemma 3's ``rope_local_base_freq``); both come back in the 5.x shape.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if not (isinstance(params, dict) and params):
+        params = _flat_4x(config)
+        family = families.FAMILIES.get(getattr(config, "model_type", None))
+        bases = {lt: getattr(config, key, None) for lt, key in (family.base_keys_4x if family else ())}
+        if bases and all(v is not None for v in bases.values()):
+            nested = {lt: {"rope_type": "default", "rope_theta": base} for lt, base in bases.items()}
+            for _, lt in family.modules_4x:
+                nested.setdefault(lt, dict(params))
+            params = nested
+    if layer_type is not None:
+        return params.get(layer_type) or {}
+    return params
+
+
+def to_4x_attributes(
+    rope: dict[str, Any], family: families.Family, max_position_embeddings: int | None = None
+) -> dict[str, Any]:
+    """Config attributes that spell a 5.x ``rope_parameters`` dict in transformers 4.x's schema.
+
+    Raises ``InvalidParameterError`` where 4.x cannot express it: a
+    per-layer-type RoPE other than Gemma 3's scaled global layers with
+    default-RoPE local layers of their own base; a rope type the family's
+    4.x config refuses (OLMo: linear and dynamic only); Phi-3's longrope
+    with a factor other than max_position_embeddings / original.
+    """
+    rope = copy.deepcopy(rope)
+    attributes: dict[str, Any] = {}
+    if rope and not {"rope_type", "type", "rope_theta"} & set(rope):  # one dict per layer type
+        bases = dict(family.base_keys_4x)
+        rest = [lt for lt in rope if lt not in bases]
+        if not bases or len(rest) != 1 or not set(bases) <= set(rope):
+            raise InvalidParameterError(
+                f"schema='4.x' cannot express per-layer-type rope_parameters (keys {sorted(rope)}) for "
+                f"{family.name}: transformers 4.x has one rope_scaling per model; use schema='5.x'."
+            )
+        for layer_type, key in bases.items():
+            entry = rope[layer_type]
+            if entry.get("rope_type", entry.get("type", "default")) != "default" or set(entry) - {
+                "rope_type", "type", "rope_theta"
+            }:
+                raise InvalidParameterError(
+                    f"schema='4.x' cannot express a scaled {layer_type!r} RoPE ({entry}) for {family.name}: "
+                    f"transformers 4.x builds it as the default RoPE with base config.{key}; use schema='5.x'."
+                )
+            attributes[key] = entry["rope_theta"]
+        rope = rope[rest[0]]
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            attributes[key] = rope.pop(key)
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", "default")
+    rope.pop("type", None)
+    accepted = family.accepted_rope_types(transformers_4=True)
+    if accepted is not None and rope_type not in accepted:
+        raise InvalidParameterError(
+            f"schema='4.x' cannot express rope_type {rope_type!r} for {family.name}: its transformers 4.x config "
+            f"accepts only {', '.join(accepted)}; use schema='5.x'."
+        )
+    if rope_type == "longrope":
+        # 4.x's longrope reads the original length from the top-level config attribute (else
+        # max_position_embeddings) and, when that attribute is set, replaces factor by
+        # max_position_embeddings / original: the attention factor is spelled out so factor is not needed
+        original = rope.get("original_max_position_embeddings")
+        if original is not None:
+            attributes["original_max_position_embeddings"] = original
+            if rope.get("attention_factor") is None and rope.get("factor") is not None:
+                rope["attention_factor"] = formulas.longrope_attention_factor(rope["factor"], original)
+    if rope_type == "default":
+        attributes["rope_scaling"] = None
+    elif family.scaling_keys_4x is not None:  # validated the old way: exactly "type" and these keys
+        _check_derived_4x(rope_type, rope, family, max_position_embeddings)
+        attributes["rope_scaling"] = {"type": rope_type, **{k: rope[k] for k in family.scaling_keys_4x}}
+    else:  # both spellings: older 4.x releases read "type", later ones "rope_type"
+        attributes["rope_scaling"] = {"rope_type": rope_type, "type": rope_type, **rope}
+    for key, alias in family.aliases_4x:
+        if key in attributes:
+            attributes[alias] = attributes[key]
+    return attributes
+
+
+def _check_derived_4x(rope_type: str, rope: dict[str, Any], family: families.Family, max_positions: int | None):
+    """Old-style 4.x configs drop every key but ``scaling_keys_4x``: the dropped ones must be what 4.x derives."""
+    dropped = sorted(set(rope) - set(family.scaling_keys_4x) - {"original_max_position_embeddings"})
+    if rope_type == "longrope" and max_positions is not None:
+        # Phi-3: factor = max_position_embeddings / original, attention factor from it
+        original = rope.get("original_max_position_embeddings") or max_positions
+        factor = max_positions / original
+        derived = {"factor": factor, "attention_factor": formulas.longrope_attention_factor(factor, original)}
+        dropped = [k for k in dropped if not (k in derived and math.isclose(rope[k], derived[k], rel_tol=1e-12))]
+    if dropped:
+        raise InvalidParameterError(
+            f"schema='4.x' cannot express {', '.join(f'{k}={rope[k]!r}' for k in dropped)} for {family.name}'s "
+            f"{rope_type!r} RoPE: its transformers 4.x config holds only {', '.join(family.scaling_keys_4x)}"
+            + (f" and derives factor from max_position_embeddings={max_positions}" if rope_type == "longrope" else "")
+            + "; use schema='5.x'."
+        )
 
 
 def _layer_types(module: nn.Module) -> list[str]:
@@ -98,7 +203,7 @@ def _layer_types(module: nn.Module) -> list[str]:
 
 
 def _inv_freq_pairs(module: nn.Module, layer_type: str | None) -> int:
-    if layer_type is not None:
+    if layer_type is not None and isinstance(getattr(module, f"{layer_type}_inv_freq", None), torch.Tensor):
         return getattr(module, f"{layer_type}_inv_freq").numel()
     if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
         return module.inv_freq.numel()
@@ -195,10 +300,14 @@ def _check_layout(
 
 def _config_keys(config) -> tuple[str, ...]:
     # 5.x keeps everything in rope_parameters (rope_scaling is a deprecated
-    # alias there, so it is not touched); 4.x splits rope_scaling/rope_theta.
+    # alias there, so it is not touched); 4.x splits rope_scaling/rope_theta
+    # and has per-family attributes (see families.Family.*_4x).
     keys = ("rope_parameters", CONFIG_KEY)
     if not isinstance(getattr(config, "rope_parameters", None), dict):
-        keys = ("rope_scaling", "rope_theta", CONFIG_KEY)
+        family = families.FAMILIES.get(getattr(config, "model_type", None))
+        keys = ("rope_scaling", "rope_theta", "partial_rotary_factor", CONFIG_KEY)
+        if family is not None:
+            keys += tuple(key for _, key in family.base_keys_4x + family.aliases_4x)
     if hasattr(config, "original_max_position_embeddings"):  # Phi-3 reads it over rope_parameters
         keys += ("original_max_position_embeddings",)
     return keys
@@ -253,11 +362,16 @@ def _record_config(config, family, spec, resolved, ropes: dict[str | None, tuple
             config.original_max_position_embeddings = entries[None].get(
                 "original_max_position_embeddings", config.original_max_position_embeddings
             )
-    elif native and None in entries:  # transformers 4.x schema
-        recorded = dict(entries[None])
-        config.rope_theta = recorded.pop("rope_theta")
-        recorded["type"] = recorded.pop("rope_type")
-        config.rope_scaling = None if recorded["type"] == "default" else recorded
+    elif native:  # transformers 4.x schema
+        try:
+            attributes = to_4x_attributes(
+                entries[None] if None in entries else entries, family, getattr(config, "max_position_embeddings", None)
+            )
+        except InvalidParameterError:  # e.g. Gemma 3 with its local layers scaled: 4.x cannot say it
+            native = False
+        else:
+            for key, value in attributes.items():
+                setattr(config, key, value)
     else:
         native = False
     setattr(config, CONFIG_KEY, {
@@ -286,12 +400,9 @@ def _unscaled_rope_parameters(model: nn.Module, state: "_PatchState | None") -> 
     backup = state.config_backup
     if isinstance((backup.get(CONFIG_KEY) or {}).get("original"), dict):
         return copy.deepcopy(backup[CONFIG_KEY]["original"])
-    if isinstance(backup.get("rope_parameters"), dict):
-        return copy.deepcopy(backup["rope_parameters"])
-    merged = dict(backup.get("rope_scaling") or {})
-    if backup.get("rope_theta") is not None:
-        merged.setdefault("rope_theta", backup["rope_theta"])
-    return merged
+    # the config as it was before the patch, read like a live one (either schema)
+    before = types.SimpleNamespace(model_type=getattr(model.config, "model_type", None), **backup)
+    return copy.deepcopy(_rope_parameters(before))
 
 
 def _softmax_scales(model, family, spec, resolved) -> list[tuple[nn.Module, float]]:
@@ -332,8 +443,9 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
         found = [(slot.name, slot.original) for slot in state.slots]
     if not found:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no rotary embedding module (no submodule with an inv_freq buffer); "
-            "rope_ntk patches models that use RoPE, such as Llama, Mistral and Qwen2."
+            f"{family.name} ({family.model_type}): {type(model).__name__} has no rotary embedding module (no "
+            "submodule with an inv_freq buffer or a *RotaryEmbedding class); rope_ntk patches models whose RoPE "
+            "lives in such a module, such as Llama, Mistral and Qwen2."
         )
     original = _unscaled_rope_parameters(model, state)
     base = original
@@ -342,9 +454,33 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
     slots, replacements = [], []
     ropes: dict[str | None, tuple[methods.ModelRope, bool]] = {}
     scaled_types = None
+    # transformers 4.x builds per-layer-type families with one module per layer type
+    split = dict(family.modules_4x)
+    split_served = [lt for attr, lt in family.modules_4x if any(n.rpartition(".")[2] == attr for n, _ in found)]
     for name, module in found:
         device = next(module.buffers()).device
-        if family.per_layer_type:
+        if family.per_layer_type and not isinstance(getattr(module, "rope_type", None), dict):
+            layer_type = split.get(name.rpartition(".")[2])
+            if layer_type is None:
+                raise UnsupportedModelError(
+                    f"{family.name}: rotary module {name!r} ({type(module).__name__}) serves none of the layer types "
+                    f"rope_ntk knows for this family ({', '.join(f'{a} -> {t}' for a, t in split.items()) or 'none'})."
+                )
+            scaled_types = list(layer_types or family.scaled_layer_types or split_served)
+            unknown = sorted(set(scaled_types) - set(split_served))
+            if unknown:
+                raise InvalidParameterError(
+                    f"layer_types={layer_types!r} names {unknown}, which {family.name} does not have; "
+                    f"valid: {', '.join(split_served)}."
+                )
+            rope = model_rope(model, module, family, layer_type, base)
+            scaled = layer_type in scaled_types
+            new = ScaledRotaryEmbedding(
+                spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout
+            )
+            _check_layout(model, name, module, new, None)
+            ropes[layer_type] = (rope, scaled)
+        elif family.per_layer_type:
             served = _layer_types(module)
             scaled_types = list(layer_types or family.scaled_layer_types or served)
             unknown = sorted(set(scaled_types) - set(served))
@@ -414,16 +550,23 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
     """One entry per rotary module (per layer type where it keeps several):
     its name, class, method, parameters and attention factor."""
     entries = []
+    split = dict(families.family_of(model).modules_4x)
     for name, module in find_rotary_modules(model):
+        # a transformers 4.x module that serves one layer type (Gemma 3's rotary_emb_local)
+        one_type = not isinstance(module, LayerTypeRotary) and not isinstance(getattr(module, "rope_type", None), dict)
+        split_type = split.get(name.rpartition(".")[2]) if one_type else None
         if isinstance(module, LayerTypeRotary):
             for layer_type, sub in module.by_type.items():
                 entries.append({"module": name, "layer_type": layer_type, "class": type(sub).__name__, **sub.describe()})
             continue
         if isinstance(module, ScaledRotaryEmbedding):
-            entries.append({"module": name, "class": type(module).__name__, **module.describe()})
+            entry = {"module": name, "class": type(module).__name__}
+            if split_type is not None:
+                entry["layer_type"] = split_type
+            entries.append({**entry, **module.describe()})
             continue
         config = getattr(module, "config", None) or model.config
-        served = _layer_types(module) if isinstance(getattr(module, "rope_type", None), dict) else [None]
+        served = _layer_types(module) if isinstance(getattr(module, "rope_type", None), dict) else [split_type]
         for layer_type in served:
             params = _rope_parameters(config, layer_type)
             rope_type = params.get("rope_type", "default")
@@ -433,7 +576,7 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
             entry["method"] = "none" if rope_type == "default" else f"transformers:{rope_type}"
             entry["params"] = {k: v for k, v in params.items() if k not in ("rope_type", "rope_theta")}
             entry["rope_theta"] = params.get("rope_theta", families.family_of(model).rope_theta)
-            suffix = f"{layer_type}_" if layer_type else ""
+            suffix = f"{layer_type}_" if layer_type and split_type is None else ""
             entry["attention_factor"] = float(getattr(module, f"{suffix}attention_scaling", 1.0))
             entries.append(entry)
     return entries
