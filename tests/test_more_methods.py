@@ -23,6 +23,7 @@ from reference import (
     ref_yarn_attention,
 )
 from test_parity_transformers import assert_freqs_close, hf_config, hf_frequencies, hf_rope
+from tiny import TRANSFORMERS_4
 
 from rope_ntk import InvalidParameterError, formulas, methods
 
@@ -198,6 +199,8 @@ def test_longrope_matches_reference_and_transformers(theta, dim, s, L):
     resolved = methods.validate_params("longrope", {"short_factor": short, "long_factor": long})
     config = hf_config(theta, dim, 1.0, L, "longrope", short_factor=short, long_factor=long)
     hf_rope(config)["original_max_position_embeddings"] = L
+    if TRANSFORMERS_4:  # 4.x's longrope reads the original length only from the top-level attribute (Phi-3's)
+        config.original_max_position_embeddings = L
     config.max_position_embeddings = int(s * L)  # factor defaults to max / original, as in Phi-3
     for seq_len in (None, L // 2, L, L + 1, 4 * L):
         got = methods.frequencies("longrope", resolved, rope, seq_len)

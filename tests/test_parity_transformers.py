@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import LONG, ORIGINAL, logits_of, make_config, make_model
+from tiny import LONG, ORIGINAL, logits_of, make_config, make_model, rope_dict
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -61,7 +61,7 @@ def hf_config(theta, head_dim, partial, L, rope_type="default", **scaling):
     rope = {"rope_type": rope_type, "rope_theta": theta, **scaling}
     if partial != 1.0:
         rope["partial_rotary_factor"] = partial
-    if rope_type == "yarn":
+    if rope_type in ("yarn", "llama3"):  # transformers 4.x requires it for llama3
         rope["original_max_position_embeddings"] = L
     heads = 2
     return make_config(
@@ -76,14 +76,21 @@ def hf_config(theta, head_dim, partial, L, rope_type="default", **scaling):
 
 
 def hf_rope(config) -> dict:
-    """The config's RoPE dict: 5.x rope_parameters, or 4.x rope_scaling (+ rope_theta)."""
+    """The config's RoPE dict, 5.x rope_parameters or 4.x rope_scaling, as transformers' functions read it.
+
+    On 4.x this is the live ``config.rope_scaling`` (so tests may add keys to it).
+    """
     if isinstance(getattr(config, "rope_parameters", None), dict):
         return config.rope_parameters
-    return {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    if getattr(config, "rope_scaling", None) is None:
+        config.rope_scaling = {"rope_type": "default"}
+    return config.rope_scaling
 
 
 def hf_frequencies(config, seq_len=None):
-    rope_type = hf_rope(config).get("rope_type", "default")
+    rope = hf_rope(config)
+    # 4.x configs may spell the type "type" only; transformers 4.x reads either
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return LlamaRotaryEmbedding(config).inv_freq, 1.0
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
@@ -175,11 +182,11 @@ def test_recorded_ntk_config_is_default_rope_with_larger_base(llama):
     """Static NTK is recorded as the default RoPE with base * alpha**(d/(d-2))."""
     alpha = 3.0
     rope_ntk.patch(llama, "ntk", alpha=alpha)
-    recorded = llama.config.rope_parameters
+    recorded = rope_dict(llama.config)
     assert recorded["rope_type"] == "default"
     dim = llama.config.head_dim
     assert recorded["rope_theta"] == pytest.approx(10_000.0 * alpha ** (dim / (dim - 2)), rel=1e-12)
-    theirs, their_factor = LlamaRotaryEmbedding.compute_default_rope_parameters(llama.config)
+    theirs, their_factor = hf_frequencies(llama.config)
     assert_freqs_close(llama.model.rotary_emb.inv_freq, theirs)
     assert llama.model.rotary_emb.attention_scaling == their_factor == 1.0
 

@@ -7,6 +7,8 @@ The models are built from ``AutoConfig.for_model`` with tiny sizes (hidden 64,
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -33,24 +35,65 @@ TINY = dict(
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
+# transformers 4.x config keyword names that differ from the 5.x rope_parameters keys
+NAMES_4X = {"gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}}
+# 4.x configs that validate rope_scaling the old way: the only keys allowed besides "type"
+OLD_STYLE_4X = {"olmo": ("factor",), "olmo2": ("factor",), "phi3": ("short_factor", "long_factor")}
 
-def as_4x(rope: dict) -> dict:
+
+def as_4x(rope: dict, family: str = "") -> dict:
     """5.x ``rope_parameters`` as the 4.x keyword arguments (scripts/test_transformers4.sh)."""
     if "full_attention" in rope:  # Gemma 3: global RoPE plus a local base
-        return {**as_4x(rope["full_attention"]), "rope_local_base_freq": rope["sliding_attention"]["rope_theta"]}
+        return {**as_4x(rope["full_attention"], family), "rope_local_base_freq": rope["sliding_attention"]["rope_theta"]}
     rope = dict(rope)
-    kwargs = {"rope_theta": rope.pop("rope_theta")}
+    names = NAMES_4X.get(family, {})
+    kwargs = {names.get("rope_theta", "rope_theta"): rope.pop("rope_theta")}
     if "partial_rotary_factor" in rope:
-        kwargs["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+        kwargs[names.get("partial_rotary_factor", "partial_rotary_factor")] = rope.pop("partial_rotary_factor")
     rope_type = rope.pop("rope_type", "default")
-    kwargs["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+    if rope_type == "default":
+        kwargs["rope_scaling"] = None
+    elif family in OLD_STYLE_4X:  # these 4.x configs accept exactly "type" and a few keys
+        kwargs["rope_scaling"] = {"type": rope_type, **{k: rope[k] for k in OLD_STYLE_4X[family]}}
+    else:
+        kwargs["rope_scaling"] = {"rope_type": rope_type, **rope}
     return kwargs
+
+
+def rope_dict(config) -> dict:
+    """The config's RoPE in the 5.x ``rope_parameters`` shape, read from a 5.x or a 4.x config.
+
+    Written independently of rope_ntk's own reader: 4.x keeps ``rope_theta``,
+    ``partial_rotary_factor`` and ``rope_scaling`` (type under ``type`` or
+    ``rope_type``) apart, and Gemma 3's local base in ``rope_local_base_freq``.
+    """
+    if not TRANSFORMERS_4:
+        return copy.deepcopy(config.rope_parameters)
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", "default")
+    scaling.pop("type", None)
+    rope = {"rope_type": rope_type, "rope_theta": config.rope_theta, **scaling}
+    if getattr(config, "partial_rotary_factor", None) not in (None, 1.0):
+        rope["partial_rotary_factor"] = config.partial_rotary_factor
+    if getattr(config, "rope_local_base_freq", None) is not None:
+        return {"full_attention": rope,
+                "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_base_freq}}
+    return rope
+
+
+# transformers 4.57's own dynamic / yarn / longrope functions compute the width as
+# getattr(config, "head_dim", hidden // heads) and crash on the head_dim=None that its
+# Mistral config stores by default, so the tiny Mistral states its head width
+HEAD_DIM_NEEDED = ("mistral",)
 
 
 def make_config(family: str = "llama", **overrides):
     """A tiny config of ``family``; ``overrides`` replace the TINY sizes."""
+    if family in HEAD_DIM_NEEDED:
+        overrides.setdefault("head_dim", overrides.get("hidden_size", TINY["hidden_size"])
+                             // overrides.get("num_attention_heads", TINY["num_attention_heads"]))
     if TRANSFORMERS_4 and "rope_parameters" in overrides:
-        overrides.update(as_4x(overrides.pop("rope_parameters")))
+        overrides.update(as_4x(overrides.pop("rope_parameters"), family))
     return AutoConfig.for_model(family, **{**TINY, **overrides})
 
 
@@ -77,7 +120,7 @@ def token_ids(length: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
 MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 FAMILY_SIZES: dict[str, dict] = {
     "llama": {},
-    "mistral": {},
+    "mistral": {},  # head_dim: see tiny.HEAD_DIM_NEEDED
     # head_dim given: transformers' own dynamic / yarn / longrope fail on Mixtral's head_dim=None
     "mixtral": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
     "qwen2": {},
@@ -99,7 +142,8 @@ FAMILY_SIZES: dict[str, dict] = {
     "cohere": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "falcon": dict(num_key_value_heads=4, bos_token_id=1, eos_token_id=2),
     "granite": {},
-    "deepseek_v3": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=None,
+    # as many key-value heads as heads: transformers 4.x's DeepSeek-V3 attention fails with fewer
+    "deepseek_v3": dict(num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=None,
                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                         n_group=1, topk_group=1, n_shared_experts=1),
     "starcoder2": {},
