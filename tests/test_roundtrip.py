@@ -205,3 +205,15 @@ def test_apply_recorded_rejects_a_malformed_record(llama):
     with pytest.raises(InvalidParameterError, match=r"config.rope_ntk=\{'method': 3\}.*'method'"):
         rope_ntk.apply_recorded(llama)
     assert not rope_ntk.is_patched(llama)
+
+
+def test_gemma3_scaled_local_layers_have_no_4x_schema(tmp_path):
+    """4.x builds Gemma 3's local RoPE unscaled from rope_local_base_freq: saying otherwise is refused."""
+    model = make_model(make_family_config("gemma3_text"))
+    rope_ntk.patch(model, "linear", factor=2.0, layer_types=["sliding_attention", "full_attention"])
+    if TRANSFORMERS_4:  # transformers writes the config: unscaled, the patch recorded for rope_ntk to reapply
+        written = json.loads((rope_ntk.save_pretrained(model, tmp_path) / "config.json").read_text())
+        assert written["rope_ntk"]["native"] is False and written["rope_scaling"] is None
+        return
+    with pytest.raises(InvalidParameterError, match=r"schema='4.x' cannot express a scaled 'sliding_attention'"):
+        rope_ntk.save_pretrained(model, tmp_path, schema="4.x")
