@@ -32,6 +32,7 @@ def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.Argumen
     methods = "\n".join(f"  {m.name:<12} {m.paper}" for m in METHODS.values())
     parser = argparse.ArgumentParser(
         description=description,
+        allow_abbrev=False,  # --quic must not pass for --quick without its preset
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"methods:\n{methods}\n\nRe-running the same command resumes: cells already in "
         "OUT/results.json are skipped.",

@@ -54,13 +54,19 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPromp
         raise InvalidParameterError(
             f"length={length} is too short for a passkey prompt; it needs more than {len(fixed) + int(unit)} tokens."
         )
-    total = int((length - len(fixed)) / unit)
-    while True:
+    def fits(total: int) -> tuple[str, list[int]] | None:
         before = round(total * depth)
         text, ids = encode(before, total - before)
-        if len(ids) <= length:
-            return PasskeyPrompt(text, ids, key, depth)
+        return (text, ids) if len(ids) <= length else None
+
+    # start from the estimate, shrink until it fits, then grow while it fits
+    total = int((length - len(fixed)) / unit)
+    while total > 0 and fits(total) is None:
         total -= 1
+    while fits(total + 1) is not None:
+        total += 1
+    text, ids = fits(total)
+    return PasskeyPrompt(text, ids, key, depth)
 
 
 def random_key(rng: random.Random) -> str:

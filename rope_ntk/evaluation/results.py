@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
+REQUIRED = frozenset({"cell", "method", "length", "metric", "value"})
 
 
 def versions() -> dict[str, str]:
@@ -61,14 +62,24 @@ class ResultsStore:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
+            where = f"results file {str(self.path)!r}"
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"results file {str(self.path)!r} is not valid JSON ({exc}); move it away.") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{where} is not valid UTF-8 JSON ({exc}); move it away.") from None
             if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-                raise ValueError(f"results file {str(self.path)!r} is not a rope_ntk schema-{SCHEMA} results file.")
-            self.records = list(data.get("records", []))
-        self._keys = {cell_key(r["cell"]) for r in self.records if "cell" in r}
+                raise ValueError(f"{where} is not a rope_ntk schema-{SCHEMA} results file.")
+            records = data.get("records", [])
+            bad = [
+                i
+                for i, r in enumerate(records if isinstance(records, list) else [])
+                if not (isinstance(r, dict) and isinstance(r.get("cell"), dict) and REQUIRED <= r.keys())
+            ]
+            if not isinstance(records, list) or bad:
+                detail = "records is not a list" if not isinstance(records, list) else f"record(s) {bad[:5]} malformed"
+                raise ValueError(f"{where}: {detail} (each needs {sorted(REQUIRED)}); move it away.")
+            self.records = records
+        self._keys = {cell_key(r["cell"]) for r in self.records}
 
     def has(self, cell: dict[str, Any]) -> bool:
         return cell_key(cell) in self._keys
@@ -78,7 +89,8 @@ class ResultsStore:
         self.records.append(record)
         self._keys.add(cell_key(record["cell"]))
         body = {"schema": SCHEMA, "records": self.records}
-        atomic_write_text(self.path, json.dumps(body, indent=1, sort_keys=False) + "\n")
+        # allow_nan=False: a NaN would make the file unreadable to strict parsers
+        atomic_write_text(self.path, json.dumps(body, indent=1, allow_nan=False) + "\n")
 
 
 def command_line() -> str:

@@ -7,6 +7,7 @@ yet in ``results.json`` is computed and written as soon as it finishes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,15 @@ class SweepConfig:
 
     def validate(self) -> None:
         problems = []
+        for name in ("methods", "lengths", "metrics"):
+            if not getattr(self, name):
+                problems.append(f"{name} is empty; give at least one value")
+        if "passkey" in self.metrics and not self.depths:
+            problems.append("depths is empty; the passkey metric needs at least one depth in [0, 1]")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not (
+            math.isfinite(self.factor) and self.factor >= 1
+        ):
+            problems.append(f"factor={self.factor!r} must be a finite number >= 1")
         for m in self.methods:
             try:
                 get_method(m)
@@ -124,6 +134,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     bos_id = pp.resolve_bos(tokenizer, config.bos)
+    if "passkey" in config.metrics:  # fail before any cell, not after some
+        pk.build_prompt(tokenizer, min(config.lengths), 0.0, "00000")
     stream: list[int] = []
     if "perplexity" in config.metrics:
         docs = load_corpus(config.corpus, split=config.corpus_split, text_field=config.text_field)
@@ -131,7 +143,13 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
         stream = pp.tokenize_stream(tokenizer, docs, config.ppl_tokens + longest + 1)
     context = {"versions": versions(), "command": command_line(), "config": asdict(config)}
 
-    bar = tqdm(total=len(plan), desc="cells", unit="cell", position=0)
+    with tqdm(total=len(plan), desc="cells", unit="cell", position=0) as bar:
+        _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, bar)
+    write_report(store.records, out, with_plot=plot)
+    return store
+
+
+def _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, bar) -> None:
     for method in dict.fromkeys(m for m, _, _ in plan):
         params = config.method_params(method)
         with patching.patch(model, method, **params), torch.inference_mode():
@@ -156,9 +174,6 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
                 store.add(record)
                 bar.update(1)
                 logger.info("%s L=%d %s = %.4g", method, length, record["metric"], record["value"])
-    bar.close()
-    write_report(store.records, out, with_plot=plot)
-    return store
 
 
 def _perplexity_cell(model, stream, config: SweepConfig, length: int, bos_id) -> dict[str, Any]:
