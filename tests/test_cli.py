@@ -103,7 +103,7 @@ BAD = [
 
 # more values rejected before any loading: checked in-process, in milliseconds
 BAD_IN_PROCESS = [
-    (["--methods", "none,ntk_by_parts"], ["method='ntk_by_parts'"]),
+    (["--methods", "none,ntk_by_halves"], ["method='ntk_by_halves'"]),
     (["--factor", "0.5"], ["factor=0.5"]),
     (["--factor", "inf"], ["factor=inf"]),
     (["--factor", "two"], ["--factor", "two"]),
