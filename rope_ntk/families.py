@@ -24,6 +24,9 @@ class Family:
     name: str
     # how (cos, sin) reach attention: see rotary.LAYOUTS
     layout: str = "half"
+    # where the rotated channels sit in each cached key head: "first" (partial rotary keeps the
+    # rest after them) or "last" (DeepSeek's MLA caches cat(k_nope, k_rot)); cache re-rotation reads it
+    rotary_channels: str = "first"
     # the module is called as (x, position_ids, layer_type) and keeps one RoPE per layer type
     per_layer_type: bool = False
     # layer types a patch scales by default (the others keep their own, unscaled RoPE); None: all
@@ -119,6 +122,7 @@ FAMILIES: dict[str, Family] = {
             "deepseek_v3",
             "DeepSeek-V3",
             softmax_mscale_dim_key="qk_head_dim",
+            rotary_channels="last",
             note="rotary part of MLA heads; YaRN mscale_all_dim also scales the softmax",
         ),
         Family("starcoder2", "StarCoder2"),

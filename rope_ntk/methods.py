@@ -184,7 +184,9 @@ def _yarn_hf(p: dict[str, Any], rope: ModelRope) -> dict[str, Any]:
 
 
 def _dynamic_ntk_hf(p: dict[str, Any], rope: ModelRope) -> dict[str, Any] | None:
-    # transformers' "dynamic" measures the length against max_position_embeddings
+    # transformers' "dynamic" measures the length against max_position_embeddings, every length
+    if (p.get("step") or 1) != 1:
+        return None
     if rope.max_position_embeddings is not None and _original(p, rope) != rope.max_position_embeddings:
         return None
     return _hf("dynamic", rope, p, ("factor",))
@@ -205,6 +207,13 @@ ORIGINAL = Param(
     "context length the model was trained with; default: read from the model config",
     kind="int",
     above=0,
+)
+STEP = Param(
+    "step",
+    "past the original length, round the length the scale is computed for up to a multiple of this "
+    "(fewer scaling changes, so fewer re-rotations of cached keys); default 1: every length",
+    kind="int",
+    minimum=1,
 )
 BETA_FAST = Param("beta_fast", "pairs rotating more often than this in L keep their frequency", 32.0, above=0)
 BETA_SLOW = Param("beta_slow", "pairs rotating fewer times than this in L are fully interpolated", 1.0, above=0)
@@ -253,7 +262,7 @@ METHODS: dict[str, Method] = {
         Method(
             "dynamic-ntk",
             "emozilla 2023, dynamic NTK; YaRN paper sec. 3.3 (arXiv:2309.00071)",
-            (FACTOR, ORIGINAL),
+            (FACTOR, ORIGINAL, STEP),
             lambda p, rope, original, seq_len: formulas.dynamic_ntk(
                 rope.rope_theta, rope.dim, p["factor"], original, seq_len
             ),
@@ -302,6 +311,7 @@ METHODS: dict[str, Method] = {
                 TRUNCATE,
                 MSCALE,
                 MSCALE_ALL_DIM,
+                STEP,
             ),
             _dynamic_yarn,
             dynamic=True,

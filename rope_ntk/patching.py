@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cache as kv
 from . import families, formulas, methods
 from .errors import InvalidParameterError, UnsupportedModelError
 from .rotary import LayerTypeRotary, ScaledRotaryEmbedding, rotary_output
@@ -43,6 +44,8 @@ class _PatchState:
     slots: list[_Slot]
     config_backup: dict[str, Any]
     softmax_scales: list[tuple[nn.Module, float]] = field(default_factory=list)
+    # modules whose forward runs cache-consistent dynamic scaling (see cache.wrap_forward)
+    wrapped: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -421,7 +424,33 @@ def _softmax_scales(model, family, spec, resolved) -> list[tuple[nn.Module, floa
     return [(m, scale) for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "scaling")]
 
 
-def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None, **params: Any) -> PatchHandle:
+def _channels(family: families.Family, rope: methods.ModelRope) -> slice:
+    """The rotated channels of each cached key head."""
+    return slice(0, rope.dim) if family.rotary_channels == "first" else slice(-rope.dim, None)
+
+
+def _layer_indices(model: nn.Module, layer_type: str) -> list[int]:
+    """Decoder layers (cache layers) of ``layer_type``, from ``config.layer_types``."""
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    return [i for i, t in enumerate(getattr(config, "layer_types", None) or []) if t == layer_type]
+
+
+def _resolve_cache_consistent(value: Any, spec: methods.Method, family: families.Family) -> bool:
+    if value is not None and not isinstance(value, bool):
+        raise InvalidParameterError(
+            f"cache_consistent={value!r} must be True, False or None (None: on for dynamic methods)."
+        )
+    return spec.dynamic if value is None else value
+
+
+def patch(
+    model: nn.Module,
+    method: str,
+    *,
+    layer_types: list[str] | None = None,
+    cache_consistent: bool | None = None,
+    **params: Any,
+) -> PatchHandle:
     """Replace the rotary embeddings of ``model`` with ``method``'s.
 
     ``params`` are the method's parameters (see ``rope_ntk.METHODS``), e.g.
@@ -431,10 +460,18 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
     that is also a context manager. Raises ``InvalidParameterError`` for bad
     methods or parameters and ``UnsupportedModelError`` for models whose
     rotary embedding rope_ntk cannot replace, before anything is changed.
+
+    ``cache_consistent`` (dynamic methods: ``dynamic-ntk``, ``dynamic-yarn``,
+    ``longrope``; default on): when the scaling changes between forward
+    calls sharing a KV cache, re-rotate the cached keys so cached decoding
+    equals a full forward (see ``rope_ntk/cache.py``). False keeps the
+    legacy behaviour of transformers: cached keys keep the rotation of the
+    length at which they were written.
     """
     spec = methods.get_method(method)
     resolved = methods.validate_params(spec, params)
     family = families.family_of(model)
+    consistent = _resolve_cache_consistent(cache_consistent, spec, family)
     if family.unsupported:
         raise UnsupportedModelError(f"{family.name} ({family.model_type}) is not supported: {family.unsupported}")
     found = [(n, m) for n, m in find_rotary_modules(model) if not isinstance(m, LayerTypeRotary)]
@@ -476,7 +513,8 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
             rope = model_rope(model, module, family, layer_type, base)
             scaled = layer_type in scaled_types
             new = ScaledRotaryEmbedding(
-                spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout
+                spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
+                consistent, _channels(family, rope), _layer_indices(model, layer_type),
             )
             _check_layout(model, name, module, new, None)
             ropes[layer_type] = (rope, scaled)
@@ -494,7 +532,8 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
                 rope = model_rope(model, module, family, layer_type, base)
                 scaled = layer_type in scaled_types
                 by_type[layer_type] = ScaledRotaryEmbedding(
-                    spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout
+                    spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
+                    consistent, _channels(family, rope), _layer_indices(model, layer_type),
                 )
                 _check_layout(model, name, module, by_type[layer_type], layer_type)
                 ropes[layer_type] = (rope, scaled)
@@ -506,7 +545,10 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
                     "leave layer_types out."
                 )
             rope = model_rope(model, module, family, None, base)
-            new = ScaledRotaryEmbedding(spec.name, resolved, rope, device=device, layout=family.layout)
+            new = ScaledRotaryEmbedding(
+                spec.name, resolved, rope, device=device, layout=family.layout, cache_consistent=consistent,
+                channels=_channels(family, rope),
+            )
             _check_layout(model, name, module, new, None)
             ropes.setdefault(None, (rope, True))
         parent_name, _, attr = name.rpartition(".")
@@ -524,7 +566,13 @@ def patch(model: nn.Module, method: str, *, layer_types: list[str] | None = None
     for m, scale in softmax:
         m.scaling = scale
     _record_config(model.config, family, spec, resolved, ropes, original, scaled_types)
-    setattr(model, _STATE_ATTR, _PatchState(slots, config_backup, scales_backup))
+    wrapped = []
+    for slot, new in zip(slots, replacements):
+        rotaries = [m for m in new.modules() if isinstance(m, ScaledRotaryEmbedding) and m.cache_consistent]
+        if rotaries:
+            kv.wrap_forward(slot.parent, rotaries)
+            wrapped.append(slot.parent)
+    setattr(model, _STATE_ATTR, _PatchState(slots, config_backup, scales_backup, wrapped))
     logger.info("patched %d rotary module(s) of %s with %s %s", len(slots), type(model).__name__, spec.name, resolved)
     return PatchHandle(model, spec.name, resolved, [s.name for s in slots])
 
@@ -538,6 +586,8 @@ def unpatch(model: nn.Module) -> None:
         setattr(slot.parent, slot.attr, slot.original)
     for module, scale in state.softmax_scales:
         module.scaling = scale
+    for parent in state.wrapped:
+        kv.unwrap_forward(parent)
     _restore_config(model.config, state.config_backup)
     delattr(model, _STATE_ATTR)
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cache as kv
 from . import methods
 from .formulas import RopeFrequencies
 
@@ -44,6 +45,15 @@ def rotary_output(
     return cos.to(dtype), sin.to(dtype)
 
 
+def default_step(original_max_position_embeddings: int) -> int:
+    """``step`` of cache-consistent dynamic scaling when none is given: 1/64 of the original length.
+
+    The scaling then changes (and cached keys are re-rotated) once every
+    L/64 tokens past L, e.g. every 128 tokens for L = 8192.
+    """
+    return max(1, original_max_position_embeddings // 64)
+
+
 class ScaledRotaryEmbedding(nn.Module):
     """Rotary embedding for one registry method, static or dynamic.
 
@@ -52,11 +62,19 @@ class ScaledRotaryEmbedding(nn.Module):
     original context, and use the buffer computed at the original length at
     or below it, so short inputs are bit-for-bit what the method gives there
     (the default RoPE for dynamic NTK and dynamic YaRN, the short factors
-    for LongRoPE).
+    for LongRoPE). Past it, the length is rounded up to a multiple of the
+    method's ``step`` parameter (1: every length).
+
+    ``cache_consistent`` (dynamic methods only): when the scaling in force
+    changes between calls that share a KV cache, re-rotate the keys cached
+    in the layers ``layer_indices`` (None: all), channels ``channels`` of
+    each head, so cached decoding equals a full forward; see ``cache.py``.
+    The patcher hands the cache over through ``_cache`` around each call.
     """
 
     def __init__(
-        self, method: str, params: dict[str, Any], rope: methods.ModelRope, device=None, layout: str = "half"
+        self, method: str, params: dict[str, Any], rope: methods.ModelRope, device=None, layout: str = "half",
+        cache_consistent: bool = False, channels: slice | None = None, layer_indices: list[int] | None = None,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -78,6 +96,13 @@ class ScaledRotaryEmbedding(nn.Module):
         )
         self._dynamic_len: int | None = None  # length the dynamic buffer was built for
         self._dynamic = (self.inv_freq, self.attention_scaling)
+        self.cache_consistent = bool(cache_consistent and self.method.dynamic)
+        self.step = int(self.params.get("step") or (default_step(self.original_max_position_embeddings)
+                                                    if self.cache_consistent and self.method.param("step") else 1))
+        self.channels = channels if channels is not None else slice(0, rope.dim)
+        self.layer_indices = layer_indices
+        self._cache = None  # the cache of the forward in progress (set by the patcher's hooks)
+        self._written: tuple[torch.Tensor, int] | None = None  # positions and length of the last call
 
     def _apply(self, fn, recurse=True):
         # Let .to()/.cuda() move the buffers, then put float32 back from the
@@ -103,12 +128,79 @@ class ScaledRotaryEmbedding(nn.Module):
             self._dynamic_len = seq_len
         return self._dynamic
 
+    def scaling_length(self, position_ids: torch.Tensor) -> int:
+        """Length the scaling is computed for: largest position + 1, rounded up to ``step`` past the original."""
+        if not self.method.dynamic:
+            return 0
+        return self.stepped(int(position_ids.max()) + 1)
+
+    def stepped(self, seq_len: int) -> int:
+        if seq_len <= self.original_max_position_embeddings:
+            return seq_len
+        return -(-seq_len // self.step) * self.step
+
+    def scaling_key(self, seq_len: int) -> int:
+        """Equal for two lengths with the same scaling (a method without ``step`` switches once)."""
+        if not self.method.dynamic or seq_len <= self.original_max_position_embeddings:
+            return 0
+        return self.stepped(seq_len) if self.method.param("step") else 1
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         # position_ids: [batch, seq] -> cos, sin: [batch, seq, dim]
-        seq_len = int(position_ids.max()) + 1 if self.method.dynamic else 0
+        seq_len = self.scaling_length(position_ids)
+        if self.cache_consistent:
+            if self._cache is not None:
+                self._align(self._cache, position_ids, seq_len)
+            self._written = (position_ids, seq_len)
         inv_freq, scale = self.frequencies_for(seq_len)
         return rotary_output(position_ids, inv_freq.to(x.device), scale, self.layout, x.dtype)
+
+    def _layers(self, cache) -> list:
+        layers = list(cache.layers)
+        if self.layer_indices is None:
+            return layers
+        return [layers[i] for i in self.layer_indices if i < len(layers)]
+
+    def _align(self, cache, position_ids: torch.Tensor, seq_len: int) -> None:
+        """Re-rotate ``cache``'s keys to the scaling of ``seq_len`` and record the new positions."""
+        kv.check_cache(cache)
+        layers = [layer for layer in self._layers(cache) if layer.keys is not None and layer.keys.numel()]
+        state = kv.states(cache).get(id(self))
+        if state is None:
+            if layers:
+                raise ValueError(
+                    f"cache={type(cache).__name__} already holds {kv._seen(layers[0])} tokens that rope_ntk did not "
+                    "see being written (filled before patching, or by another model), so it cannot keep their keys "
+                    "consistent; start from an empty cache, or patch with cache_consistent=False."
+                )
+            kv.states(cache)[id(self)] = kv.Rotation(position_ids.detach().clone(), seq_len)
+            return
+        seen = kv._seen(layers[0]) if layers else 0
+        positions = state.positions[:, :seen]  # a cropped cache forgets its last slots
+        if state.length != seq_len and layers:
+            self._rerotate(layers, positions, state.length, seq_len)
+        if positions.shape[0] != position_ids.shape[0]:  # [1, slots] from position_ids=None calls
+            batch = max(positions.shape[0], position_ids.shape[0])
+            positions, position_ids = positions.expand(batch, -1), position_ids.expand(batch, -1)
+        state.positions = torch.cat([positions, position_ids.to(positions.device)], dim=-1)
+        state.length = seq_len
+
+    def _rerotate(self, layers: list, positions: torch.Tensor, old_len: int, new_len: int) -> None:
+        inv_old, scale_old = self.frequencies_for(old_len)
+        inv_old = inv_old.clone()
+        inv_new, scale_new = self.frequencies_for(new_len)
+        if scale_old == scale_new and torch.equal(inv_old, inv_new):
+            return  # e.g. LongRoPE past the switch, dynamic YaRN past its cap
+        tables: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        for layer in layers:
+            slots = kv._slot_positions(layer, positions)
+            key = (kv._seen(layer) - layer.keys.shape[-2], layer.keys.shape[-2], layer.keys.device)
+            if key not in tables:
+                # the angles a full forward forms, minus those the keys were rotated by: [batch, slots, dim/2]
+                where = slots.to(layer.keys.device)[..., None].to(torch.float32)
+                tables[key] = where * inv_new.to(where.device) - where * inv_old.to(where.device)
+            kv.rotate_keys(layer.keys, tables[key], scale_new / scale_old, self.layout, self.channels)
 
     def describe(self) -> dict[str, Any]:
         """Method, parameters and model numbers of this module, JSON-ready."""
@@ -120,6 +212,7 @@ class ScaledRotaryEmbedding(nn.Module):
             "original_max_position_embeddings": self.original_max_position_embeddings,
             "attention_factor": self.attention_scaling,
             "layout": self.layout,
+            **({"cache_consistent": self.cache_consistent} if self.method.dynamic else {}),
         }
 
     def extra_repr(self) -> str:
