@@ -24,9 +24,8 @@ class Family:
     name: str
     # how (cos, sin) reach attention: see rotary.LAYOUTS
     layout: str = "half"
-    # where the rotated channels sit in each cached key head: "first" (partial rotary keeps the
-    # rest after them) or "last" (DeepSeek's MLA caches cat(k_nope, k_rot)); cache re-rotation reads it
-    rotary_channels: str = "first"
+    # why cached keys cannot be re-rotated (cache_consistent unsupported: dynamic methods run the legacy way)
+    no_cache_rotation: str | None = None
     # the module is called as (x, position_ids, layer_type) and keeps one RoPE per layer type
     per_layer_type: bool = False
     # layer types a patch scales by default (the others keep their own, unscaled RoPE); None: all
@@ -122,7 +121,9 @@ FAMILIES: dict[str, Family] = {
             "deepseek_v3",
             "DeepSeek-V3",
             softmax_mscale_dim_key="qk_head_dim",
-            rotary_channels="last",
+            # TODO: re-rotate DeepSeek's cache: it holds the latent kv_nope in .keys and the rotated k_rot in
+            # .values (interleaved pairs when config.rope_interleave), unlike every other family
+            no_cache_rotation="its MLA cache keeps the rotated key part in the values slot (not handled yet)",
             note="rotary part of MLA heads; YaRN mscale_all_dim also scales the softmax",
         ),
         Family("starcoder2", "StarCoder2"),

@@ -425,8 +425,8 @@ def _softmax_scales(model, family, spec, resolved) -> list[tuple[nn.Module, floa
 
 
 def _channels(family: families.Family, rope: methods.ModelRope) -> slice:
-    """The rotated channels of each cached key head."""
-    return slice(0, rope.dim) if family.rotary_channels == "first" else slice(-rope.dim, None)
+    """The rotated channels of each cached key head: the first ``dim`` (partial rotary keeps the rest after them)."""
+    return slice(0, rope.dim)
 
 
 def _layer_indices(model: nn.Module, layer_type: str) -> list[int]:
@@ -440,6 +440,14 @@ def _resolve_cache_consistent(value: Any, spec: methods.Method, family: families
         raise InvalidParameterError(
             f"cache_consistent={value!r} must be True, False or None (None: on for dynamic methods)."
         )
+    if family.no_cache_rotation and spec.dynamic:
+        if value:
+            raise NotImplementedError(
+                f"cache_consistent=True for {spec.name!r} on {family.name}: {family.no_cache_rotation}; "
+                "patch with cache_consistent=False (the legacy behaviour)."
+            )
+        logger.info("%s: cache_consistent is off for %s: %s", family.name, spec.name, family.no_cache_rotation)
+        return False
     return spec.dynamic if value is None else value
 
 
