@@ -1,26 +1,33 @@
-"""Keep cached keys rotated like a full forward when a dynamic RoPE changes.
+"""Dynamic RoPE scaling that gives the same logits with and without a KV cache (issue 4).
 
 Dynamic NTK, dynamic YaRN and LongRoPE pick their frequencies from the
-current length. A KV cache holds keys rotated at the length they were
-written, so once generation crosses the original context, incremental
-decoding drifts from a full forward over the same tokens. rope_ntk keeps
-them equal by re-rotating the cached keys whenever the scaling in force
-changes (issue 4):
+current length. transformers rotates every token of an input for the whole
+input's length, and a cache keeps keys rotated for the length at which they
+were written, so past the original context cached decoding drifts from a
+full forward. Re-rotating cached keys cannot close that gap on its own:
+past the first layer, the hidden states (so keys and values) of earlier
+tokens depend on the scaling they were computed with.
+
+The consistent mode therefore makes the scaling causal: token i uses the
+scaling of its own prefix length (largest position so far + 1, rounded up
+to the method's ``step``), so no token depends on later ones, and keeps the
+cache exact by re-rotating cached keys whenever the scaling changes:
 
     k_new = (a_new / a_old) * R(phi_new - phi_old) k_cached
 
 with phi = position * inv_freq, a the attention factor (it multiplies cos
-and sin), and R the rotation of the family's layout. Rotations compose, so
-this is exact up to float rounding. The alternative, caching keys before
-RoPE, would rotate the whole cache on every step; re-rotating only on a
-change, and changing only every ``step`` tokens, costs far less.
+and sin) and R the rotation of the family's pair layout. Rotations compose,
+so this is exact up to float rounding. An input spanning several scalings
+runs as consecutive chunks through a cache (``wrap_forward``). Caching keys
+before RoPE instead would rotate the whole cache on every step; re-rotating
+only on a change, once per ``step`` tokens, costs far less.
 
-The cache carries what re-rotation needs: the position of every slot for
-every batch row (left padding gives rows different positions) and the
-length its keys are rotated for, in ``cache._rope_ntk_rotations``, keyed by
-the rotary module. Supported: ``DynamicCache`` with full and sliding-window
-layers (what ``generate`` builds by default, also with offloading). Static
-and quantized caches raise ``NotImplementedError``.
+The cache carries what re-rotation needs in ``cache._rope_ntk_rotations``,
+keyed by the rotary module: the position of every slot for every batch row
+(left padding gives rows different positions) and the length its keys are
+rotated for. Supported: ``DynamicCache`` with full and sliding-window layers
+(what ``generate`` builds by default, also offloaded). Static and quantized
+caches raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ def check_cache(cache) -> None:
         )
 
 
-def _seen(layer) -> int:
+def seen(layer) -> int:
     """Tokens written into a cache layer so far (a sliding layer keeps only the last ones)."""
     if layer.keys is None or layer.keys.numel() == 0:
         return 0
@@ -73,11 +80,10 @@ def _seen(layer) -> int:
     return layer.keys.shape[-2]
 
 
-def _slot_positions(layer, positions: torch.Tensor) -> torch.Tensor:
+def slot_positions(layer, positions: torch.Tensor) -> torch.Tensor:
     """Positions of the slots a layer holds: [batch or 1, slots]."""
-    kept = layer.keys.shape[-2]
-    seen = _seen(layer)
-    return positions[:, seen - kept : seen]
+    kept, written = layer.keys.shape[-2], seen(layer)
+    return positions[:, written - kept : written]
 
 
 def rotate_keys(keys: torch.Tensor, angles: torch.Tensor, ratio: float, layout: str, channels: slice) -> None:

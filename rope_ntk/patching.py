@@ -424,11 +424,6 @@ def _softmax_scales(model, family, spec, resolved) -> list[tuple[nn.Module, floa
     return [(m, scale) for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "scaling")]
 
 
-def _channels(family: families.Family, rope: methods.ModelRope) -> slice:
-    """The rotated channels of each cached key head: the first ``dim`` (partial rotary keeps the rest after them)."""
-    return slice(0, rope.dim)
-
-
 def _layer_indices(model: nn.Module, layer_type: str) -> list[int]:
     """Decoder layers (cache layers) of ``layer_type``, from ``config.layer_types``."""
     config = getattr(model.config, "get_text_config", lambda: model.config)()
@@ -522,7 +517,7 @@ def patch(
             scaled = layer_type in scaled_types
             new = ScaledRotaryEmbedding(
                 spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
-                consistent, _channels(family, rope), _layer_indices(model, layer_type),
+                consistent, _layer_indices(model, layer_type),
             )
             _check_layout(model, name, module, new, None)
             ropes[layer_type] = (rope, scaled)
@@ -541,7 +536,7 @@ def patch(
                 scaled = layer_type in scaled_types
                 by_type[layer_type] = ScaledRotaryEmbedding(
                     spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
-                    consistent, _channels(family, rope), _layer_indices(model, layer_type),
+                    consistent, _layer_indices(model, layer_type),
                 )
                 _check_layout(model, name, module, by_type[layer_type], layer_type)
                 ropes[layer_type] = (rope, scaled)
@@ -554,8 +549,7 @@ def patch(
                 )
             rope = model_rope(model, module, family, None, base)
             new = ScaledRotaryEmbedding(
-                spec.name, resolved, rope, device=device, layout=family.layout, cache_consistent=consistent,
-                channels=_channels(family, rope),
+                spec.name, resolved, rope, device=device, layout=family.layout, cache_consistent=consistent
             )
             _check_layout(model, name, module, new, None)
             ropes.setdefault(None, (rope, True))
@@ -657,13 +651,16 @@ def apply_recorded(model: nn.Module) -> PatchHandle | None:
     return patch(model, entry["method"], layer_types=entry.get("layer_types"), **entry["params"])
 
 
-def patch_from_hf(model: nn.Module, rope: dict[str, Any], argument: str = "rope_parameters") -> PatchHandle:
+def patch_from_hf(
+    model: nn.Module, rope: dict[str, Any], argument: str = "rope_parameters", cache_consistent: bool | None = None
+) -> PatchHandle:
     """Patch ``model`` with the scaling a transformers RoPE dict describes (5.x or 4.x schema).
 
     transformers' ``dynamic`` measures length against ``max_position_embeddings``,
-    so that is the original length unless the dict names one.
+    so that is the original length unless the dict names one. ``cache_consistent``
+    as in ``patch`` (False: transformers' own behaviour for dynamic types).
     """
     method, params = methods.from_hf(rope, argument)
     if method.name == "dynamic-ntk" and "original_max_position_embeddings" not in params:
         params["original_max_position_embeddings"] = model.config.max_position_embeddings
-    return patch(model, method.name, **params)
+    return patch(model, method.name, cache_consistent=cache_consistent, **params)

@@ -67,14 +67,15 @@ class ScaledRotaryEmbedding(nn.Module):
 
     ``cache_consistent`` (dynamic methods only): when the scaling in force
     changes between calls that share a KV cache, re-rotate the keys cached
-    in the layers ``layer_indices`` (None: all), channels ``channels`` of
-    each head, so cached decoding equals a full forward; see ``cache.py``.
-    The patcher hands the cache over through ``_cache`` around each call.
+    in the layers ``layer_indices`` (None: all), the first ``rope.dim``
+    channels of each head (partial rotary keeps the rest after them), so
+    cached decoding equals a full forward; see ``cache.py``. The patched
+    model's forward hands the cache over through ``_cache`` around each call.
     """
 
     def __init__(
         self, method: str, params: dict[str, Any], rope: methods.ModelRope, device=None, layout: str = "half",
-        cache_consistent: bool = False, channels: slice | None = None, layer_indices: list[int] | None = None,
+        cache_consistent: bool = False, layer_indices: list[int] | None = None,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -99,7 +100,7 @@ class ScaledRotaryEmbedding(nn.Module):
         self.cache_consistent = bool(cache_consistent and self.method.dynamic)
         self.step = int(self.params.get("step") or (default_step(self.original_max_position_embeddings)
                                                     if self.cache_consistent and self.method.param("step") else 1))
-        self.channels = channels if channels is not None else slice(0, rope.dim)
+        self.channels = slice(0, rope.dim)
         self.layer_indices = layer_indices
         self._cache = None  # the cache of the forward in progress (set by the patcher's hooks)
         self._written: tuple[torch.Tensor, int] | None = None  # positions and length of the last call
@@ -164,19 +165,18 @@ class ScaledRotaryEmbedding(nn.Module):
 
     def _align(self, cache, position_ids: torch.Tensor, seq_len: int) -> None:
         """Re-rotate ``cache``'s keys to the scaling of ``seq_len`` and record the new positions."""
-        kv.check_cache(cache)
         layers = [layer for layer in self._layers(cache) if layer.keys is not None and layer.keys.numel()]
         state = kv.states(cache).get(id(self))
         if state is None:
             if layers:
                 raise ValueError(
-                    f"cache={type(cache).__name__} already holds {kv._seen(layers[0])} tokens that rope_ntk did not "
+                    f"cache={type(cache).__name__} already holds {kv.seen(layers[0])} tokens that rope_ntk did not "
                     "see being written (filled before patching, or by another model), so it cannot keep their keys "
                     "consistent; start from an empty cache, or patch with cache_consistent=False."
                 )
             kv.states(cache)[id(self)] = kv.Rotation(position_ids.detach().clone(), seq_len)
             return
-        seen = kv._seen(layers[0]) if layers else 0
+        seen = kv.seen(layers[0]) if layers else 0
         positions = state.positions[:, :seen]  # a cropped cache forgets its last slots
         if state.length != seq_len and layers:
             self._rerotate(layers, positions, state.length, seq_len)
@@ -194,8 +194,8 @@ class ScaledRotaryEmbedding(nn.Module):
             return  # e.g. LongRoPE past the switch, dynamic YaRN past its cap
         tables: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         for layer in layers:
-            slots = kv._slot_positions(layer, positions)
-            key = (kv._seen(layer) - layer.keys.shape[-2], layer.keys.shape[-2], layer.keys.device)
+            slots = kv.slot_positions(layer, positions)
+            key = (kv.seen(layer) - layer.keys.shape[-2], layer.keys.shape[-2], layer.keys.device)
             if key not in tables:
                 # the angles a full forward forms, minus those the keys were rotated by: [batch, slots, dim/2]
                 where = slots.to(layer.keys.device)[..., None].to(torch.float32)
@@ -212,7 +212,7 @@ class ScaledRotaryEmbedding(nn.Module):
             "original_max_position_embeddings": self.original_max_position_embeddings,
             "attention_factor": self.attention_scaling,
             "layout": self.layout,
-            **({"cache_consistent": self.cache_consistent} if self.method.dynamic else {}),
+            **({"cache_consistent": self.cache_consistent, "step": self.step} if self.method.dynamic else {}),
         }
 
     def extra_repr(self) -> str:

@@ -49,10 +49,11 @@ def tiny(family: str):
 
 
 @torch.no_grad()
-def full_forward_steps(model, sequences, prefill, attention_mask=None):
-    """Last-position logits of uncached forwards over sequences[:, :n], n = prefill .. end - 1: [batch, steps, vocab]."""
+def full_forward_steps(model, sequences, prefill, attention_mask=None, lengths=None):
+    """Last-position logits of uncached forwards over sequences[:, :n], n = prefill .. end - 1
+    (or only ``lengths``): [batch, steps, vocab]."""
     steps = []
-    for n in range(prefill, sequences.shape[1]):
+    for n in lengths or range(prefill, sequences.shape[1]):
         kwargs = {}
         if attention_mask is not None:
             mask = attention_mask[:, :n]
@@ -107,6 +108,13 @@ def causal_reference(family, model, sequences, attention_mask=None):
         return reference(sequences, position_ids=positions, use_cache=False, **kwargs).logits
 
 
+def checked_lengths(sequences) -> list[int]:
+    """Prefix lengths whose uncached forward is run through the patched model (each one spans many
+    scalings, so many chunks): both sides of the original length and the end."""
+    end = sequences.shape[1] - 1
+    return sorted({n for n in (PREFILL, ORIGINAL - 1, ORIGINAL, ORIGINAL + 1, ORIGINAL + 17, end) if n <= end})
+
+
 def positions_of(mask):
     """Position ids as generate derives them from a left-padded attention mask."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -144,11 +152,13 @@ def test_every_decoded_step_equals_full_forward(family, method, path):
     else:
         sequences, decoded = generate_logits(model, ids, sample=path == "sampled")
     assert sequences.shape[1] == PREFILL + DECODE > ORIGINAL + 40
-    full = full_forward_steps(model, sequences, PREFILL)
-    torch.testing.assert_close(decoded, full, atol=ATOL, rtol=0)
-    # and both equal one uncached forward computed without rope_ntk's cache code
+    # every step equals one uncached forward computed without rope_ntk's cache code
     reference = causal_reference(family, model, sequences)[:, PREFILL - 1 : -1]
     torch.testing.assert_close(decoded, reference, atol=ATOL, rtol=0)
+    # and the patched model's own uncached forward over a prefix ends with that step's logits
+    lengths = checked_lengths(sequences)
+    full = full_forward_steps(model, sequences, PREFILL, lengths=lengths)
+    torch.testing.assert_close(decoded[:, [n - PREFILL for n in lengths]], full, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["dynamic-ntk", "dynamic-yarn", "longrope"])
@@ -163,8 +173,9 @@ def test_batch_of_two_left_padded(family, method):
     ids[1, :15] = 0
     sequences, decoded = generate_logits(model, ids, sample=False, attention_mask=mask)
     full_mask = torch.cat([mask, torch.ones(2, DECODE, dtype=mask.dtype)], dim=1)
-    full = full_forward_steps(model, sequences, PREFILL, full_mask)
-    torch.testing.assert_close(decoded, full, atol=ATOL, rtol=0)
+    lengths = checked_lengths(sequences)
+    full = full_forward_steps(model, sequences, PREFILL, full_mask, lengths)
+    torch.testing.assert_close(decoded[:, [n - PREFILL for n in lengths]], full, atol=ATOL, rtol=0)
     reference = causal_reference(family, model, sequences, full_mask)[:, PREFILL - 1 : -1]
     torch.testing.assert_close(decoded[0], reference[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(decoded[1], reference[1], atol=ATOL, rtol=0)
@@ -243,7 +254,6 @@ def test_step_rounds_the_length_and_amortises_re_rotation(monkeypatch, step, rot
     sequences = torch.cat([token_ids(PREFILL), token_ids(DECODE, seed=5)], dim=1)
     decoded = manual_logits(model, sequences, PREFILL)
     assert len(calls) == rotations * model.config.num_hidden_layers
-    torch.testing.assert_close(decoded, full_forward_steps(model, sequences, PREFILL), atol=ATOL, rtol=0)
     reference = causal_reference("llama", model, sequences)[:, PREFILL - 1 : -1]
     torch.testing.assert_close(decoded, reference, atol=ATOL, rtol=0)
 
@@ -270,7 +280,9 @@ def test_family_layouts_re_rotate_their_own_channels(family):
     sequences = torch.cat([token_ids(PREFILL), token_ids(40, seed=5)], dim=1)
     cache = DynamicCache(config=model.config)
     decoded = manual_logits(model, sequences, PREFILL, cache)
-    torch.testing.assert_close(decoded, full_forward_steps(model, sequences, PREFILL), atol=ATOL, rtol=0)
+    lengths = checked_lengths(sequences)
+    full = full_forward_steps(model, sequences, PREFILL, lengths=lengths)
+    torch.testing.assert_close(decoded[:, [n - PREFILL for n in lengths]], full, atol=ATOL, rtol=0)
     # Independent of the cache code: the first scaled layer's keys depend on the tokens alone, so once
     # re-rotated they equal those one legacy forward over all the tokens caches (the same scaling)
     first = next(m for m in model.modules() if isinstance(m, rope_ntk.ScaledRotaryEmbedding) and m.cache_consistent)

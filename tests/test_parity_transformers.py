@@ -223,7 +223,7 @@ def test_logits_match_native_transformers(family, method, params, long_ids):
     # the comparison can fail: the native scaled model is far from the unscaled one
     assert (theirs - unscaled).abs().max() > 100 * LOGIT_RTOL * theirs.abs().max()
 
-    rope_ntk.patch(stock, method, **params)
+    rope_ntk.patch(stock, method, cache_consistent=False, **params)  # transformers' semantics
     ours = logits_of(stock, long_ids)
     assert_logits_close(ours, theirs)
 
@@ -244,7 +244,7 @@ def test_partial_rotary_logits_match_native_transformers(family, partial, method
     unscaled, theirs = logits_of(stock, long_ids), logits_of(native, long_ids)
     assert (theirs - unscaled).abs().max() > 100 * LOGIT_RTOL * theirs.abs().max()
 
-    rope_ntk.patch(stock, method, **params)
+    rope_ntk.patch(stock, method, cache_consistent=False, **params)  # transformers' semantics
     (entry,) = rope_ntk.describe(stock)
     assert entry["dim"] == int(16 * partial)
     assert_logits_close(logits_of(stock, long_ids), theirs)
@@ -262,6 +262,6 @@ def test_explicit_head_dim_logits_match_native_transformers(family, method, para
     )
     native.load_state_dict(stock.state_dict(), strict=True)
     theirs = logits_of(native, long_ids)
-    rope_ntk.patch(stock, method, **params)
+    rope_ntk.patch(stock, method, cache_consistent=False, **params)  # transformers' semantics
     assert rope_ntk.describe(stock)[0]["dim"] == 32
     assert_logits_close(logits_of(stock, long_ids), theirs)

@@ -94,7 +94,8 @@ def saved(tmp_path_factory):
         stock = make_model(make_family_config(family))
         # stock GPT-J reads a sin/cos table of max_position_embeddings rows: it cannot run 150 tokens at all
         unscaled = None if family == "gptj" else logits_of(stock, IDS)
-        rope_ntk.patch(stock, method, **params)
+        # plain transformers reloads the legacy mode (every token scaled for the whole length)
+        rope_ntk.patch(stock, method, **({"cache_consistent": False} if schema is not None else {}), **params)
         directory = rope_ntk.save_pretrained(stock, root / case, schema=schema)
         cases[case] = (directory, unscaled, logits_of(stock, IDS), stock)
     torch.save(IDS, root / "ids.pt")
@@ -177,7 +178,7 @@ def test_patch_from_hf_dynamic_measures_against_max_position_embeddings(llama):
     native = make_model(make_family_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                      "rope_theta": 10_000.0}))
     native.load_state_dict(llama.state_dict())
-    rope_ntk.patch_from_hf(llama, {"type": "dynamic", "factor": 2}, "rope_scaling")
+    rope_ntk.patch_from_hf(llama, {"type": "dynamic", "factor": 2}, "rope_scaling", cache_consistent=False)
     assert rope_ntk.describe(llama)[0]["original_max_position_embeddings"] == llama.config.max_position_embeddings
     assert_logits_close(logits_of(llama, IDS), logits_of(native, IDS))
 
