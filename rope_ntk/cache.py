@@ -26,7 +26,7 @@ The cache carries what re-rotation needs in ``cache._rope_ntk_rotations``,
 keyed by the rotary module: the position of every slot for every batch row
 (left padding gives rows different positions) and the length its keys are
 rotated for. Supported: ``DynamicCache`` with full and sliding-window layers
-(what ``generate`` builds by default, also offloaded). Static and quantized
+(what ``generate`` builds by default; offloading is untested). Static and quantized
 caches raise ``NotImplementedError``.
 """
 

@@ -136,6 +136,7 @@ class ScaledRotaryEmbedding(nn.Module):
         return self.stepped(int(position_ids.max()) + 1)
 
     def stepped(self, seq_len: int) -> int:
+        """``seq_len`` up to the original length, else rounded up to a multiple of ``step``."""
         if seq_len <= self.original_max_position_embeddings:
             return seq_len
         return -(-seq_len // self.step) * self.step
