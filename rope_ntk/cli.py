@@ -66,7 +66,7 @@ def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.Argumen
     parser.add_argument("--bos", default=d.bos, choices=["auto", "always", "never"],
                         help="prepend BOS to each perplexity window: auto follows the tokenizer (%(default)s)")
     parser.add_argument("--depths", type=_csv(float, "--depths"), default=d.depths,
-                        help="passkey depths in [0,1], one trial each (default: 0.2,0.4,0.6,0.8)")
+                        help="passkey depths in [0,1], one trial each (default: 0.25,0.5,0.75)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed for passkeys (%(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="first look in ~3 minutes: lengths 2048,12288, 12288 scored tokens, one depth")

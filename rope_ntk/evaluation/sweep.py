@@ -44,7 +44,7 @@ class SweepConfig:
     dtype: str = "bfloat16"
     ppl_tokens: int = 16384  # scored tokens per length (same text span at every length)
     bos: str = "auto"
-    depths: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    depths: tuple[float, ...] = (0.25, 0.5, 0.75)
     seed: int = 0
     chunk_size: int = 1024
     corpus_split: str = "test"
