@@ -105,6 +105,10 @@ def _cell(config: SweepConfig, method: str, length: int, metric: str) -> dict[st
         "metric": "passkey_accuracy" if metric == "passkey" else "perplexity",
         "seed": config.seed,
     }
+    if get_method(method).dynamic or get_method(method).name == "longrope":
+        # causal, cache-consistent scaling (the default since issue 4) gives
+        # other numbers than the one-scale-per-forward legacy mode
+        cell["cache_consistent"] = True
     if metric == "perplexity":
         cell.update(ppl_tokens=config.ppl_tokens, bos=config.bos, protocol="disjoint")
     else:
