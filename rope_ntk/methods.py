@@ -379,7 +379,7 @@ def _check_value(method: Method, spec: Param, value: Any) -> tuple[Any, str | No
         return value, f"{where} must be true or false"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value, f"{where} must be a number"
-    value = float(value) if isinstance(value, numbers.Real) and not isinstance(value, int) else int(value)
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy scalars too
     if spec.kind == "int":
         if not (math.isfinite(value) and float(value).is_integer()):
             return value, f"{where} must be a whole number"

@@ -424,6 +424,28 @@ def _softmax_scales(model, family, spec, resolved) -> list[tuple[nn.Module, floa
     return [(m, scale) for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "scaling")]
 
 
+def _scaled_layer_types(layer_types, family: families.Family, served: list[str]) -> list[str]:
+    """Layer types a patch scales: the user's, else the family's default, else all served."""
+    scaled = list(layer_types or family.scaled_layer_types or served)
+    unknown = sorted(set(scaled) - set(served))
+    if unknown:
+        raise InvalidParameterError(
+            f"layer_types={layer_types!r} names {unknown}, which {family.name} does not have; "
+            f"valid: {', '.join(served)}."
+        )
+    return scaled
+
+
+def _layer_type_rotary(
+    model, layer_type: str, spec, resolved, rope, scaled: bool, device, family: families.Family, consistent
+) -> ScaledRotaryEmbedding:
+    """The replacement RoPE of one layer type: the method if scaled, else unscaled."""
+    return ScaledRotaryEmbedding(
+        spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
+        consistent, _layer_indices(model, layer_type),
+    )
+
+
 def _layer_indices(model: nn.Module, layer_type: str) -> list[int]:
     """Decoder layers (cache layers) of ``layer_type``, from ``config.layer_types``."""
     config = getattr(model.config, "get_text_config", lambda: model.config)()
@@ -506,37 +528,21 @@ def patch(
                     f"{family.name}: rotary module {name!r} ({type(module).__name__}) serves none of the layer types "
                     f"rope_ntk knows for this family ({', '.join(f'{a} -> {t}' for a, t in split.items()) or 'none'})."
                 )
-            scaled_types = list(layer_types or family.scaled_layer_types or split_served)
-            unknown = sorted(set(scaled_types) - set(split_served))
-            if unknown:
-                raise InvalidParameterError(
-                    f"layer_types={layer_types!r} names {unknown}, which {family.name} does not have; "
-                    f"valid: {', '.join(split_served)}."
-                )
+            scaled_types = _scaled_layer_types(layer_types, family, split_served)
             rope = model_rope(model, module, family, layer_type, base)
             scaled = layer_type in scaled_types
-            new = ScaledRotaryEmbedding(
-                spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
-                consistent, _layer_indices(model, layer_type),
-            )
+            new = _layer_type_rotary(model, layer_type, spec, resolved, rope, scaled, device, family, consistent)
             _check_layout(model, name, module, new, None)
             ropes[layer_type] = (rope, scaled)
         elif family.per_layer_type:
             served = _layer_types(module)
-            scaled_types = list(layer_types or family.scaled_layer_types or served)
-            unknown = sorted(set(scaled_types) - set(served))
-            if unknown:
-                raise InvalidParameterError(
-                    f"layer_types={layer_types!r} names {unknown}, which {family.name} does not have; "
-                    f"valid: {', '.join(served)}."
-                )
+            scaled_types = _scaled_layer_types(layer_types, family, served)
             by_type = {}
             for layer_type in served:
                 rope = model_rope(model, module, family, layer_type, base)
                 scaled = layer_type in scaled_types
-                by_type[layer_type] = ScaledRotaryEmbedding(
-                    spec.name if scaled else "none", resolved if scaled else {}, rope, device, family.layout,
-                    consistent, _layer_indices(model, layer_type),
+                by_type[layer_type] = _layer_type_rotary(
+                    model, layer_type, spec, resolved, rope, scaled, device, family, consistent
                 )
                 _check_layout(model, name, module, by_type[layer_type], layer_type)
                 ropes[layer_type] = (rope, scaled)
