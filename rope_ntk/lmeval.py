@@ -7,7 +7,7 @@ which takes exactly lm_eval's arguments::
 
     python eval/lmeval.py --model rope_ntk \\
         --model_args pretrained=bundled,method=yarn,factor=2,dtype=bfloat16 \\
-        --tasks hellaswag --device cpu
+        --tasks hellaswag --device cpu   # lm_eval defaults to cuda:0
 
 or, from Python, ``import rope_ntk.lmeval`` then
 ``lm_eval.simple_evaluate(model="rope_ntk", model_args=...)``.
@@ -27,6 +27,8 @@ from __future__ import annotations
 import inspect
 import sys
 from typing import Any
+
+import torch
 
 try:
     from lm_eval.api.registry import register_model
@@ -94,6 +96,9 @@ class RopeNtkLM(HFLM):
         **kwargs: Any,
     ) -> None:
         name, params, hf = split_args(method, kwargs)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line passes --device, whose default is cuda
+            raise InvalidParameterError(f"device={device!r} but this torch has no CUDA device; pass --device cpu.")
         model, tokenizer = load_model(str(pretrained), dtype=dtype, device=device)
         self.rope_handle = patching.patch(model, name, cache_consistent=cache_consistent, **params)
         self.rope_method, self.rope_params = name, params

@@ -124,7 +124,7 @@ def test_lm_eval_command_on_the_bundled_model(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "eval" / "lmeval.py"), "--model", "rope_ntk",
          "--model_args", "pretrained=bundled,method=yarn,factor=2,dtype=bfloat16",
-         "--tasks", "rope_ntk_tiny_choice", "--include_path", str(TASKS), "--output_path", str(tmp_path)],
+         "--tasks", "rope_ntk_tiny_choice", "--device", "cpu", "--include_path", str(TASKS), "--output_path", str(tmp_path)],
         cwd=TASKS, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

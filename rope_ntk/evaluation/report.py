@@ -294,8 +294,8 @@ def heatmap(records: list[dict[str, Any]], task: str, path: Path) -> bool:
     methods = list(dict.fromkeys(row.method for row in task_rows))
     lengths = sorted({row.length for row in task_rows})
     depths = sorted({d for row in task_rows for d in row.depths})
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 0.9 * len(lengths) * len(methods), 1.4 + 0.4 * len(depths)),
-                             squeeze=False)
+    size = (1.5 + (0.6 + 0.8 * len(lengths)) * len(methods), 2.2 + 0.4 * len(depths))
+    fig, axes = plt.subplots(1, len(methods), figsize=size, squeeze=False, layout="constrained")
     for ax, method in zip(axes[0], methods):
         grid = [[math.nan] * len(lengths) for _ in depths]
         for row in task_rows:
@@ -313,7 +313,7 @@ def heatmap(records: list[dict[str, Any]], task: str, path: Path) -> bool:
         ax.set_xlabel("length")
         ax.set_title(method, fontsize=9)
     axes[0][0].set_ylabel("depth")
-    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05)
     fig.suptitle(f"{task}: score by depth and length", fontsize=10)
     _save(fig, path)
     plt.close(fig)
