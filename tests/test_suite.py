@@ -273,3 +273,32 @@ def test_cli_dry_run_and_bad_spec(assets, tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "error: invalid suite spec: lengths[1]='x' must be a whole number of tokens >= 2."
     ]
+
+
+def test_non_finite_metrics_become_null():
+    assert st._finite({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
+
+
+def test_any_registered_task_runs_and_reports(assets, tmp_path, monkeypatch):
+    """A task registered at run time (one cell per depth) goes through spec checking,
+    the runner and the report's depth heatmap like the built-in ones."""
+
+    def validate(params):
+        p = {"depth": 0.5, **params}
+        if not 0 <= p["depth"] <= 1:
+            raise rope_ntk.InvalidParameterError(f"depth={p['depth']!r} must be in [0, 1].")
+        return p
+
+    def run(model, tokenizer, corpus, length, params, *, seed, progress=None):
+        return {"recall": 1.0 - params["depth"], "length_seen": length, "seed": seed}
+
+    monkeypatch.setitem(tk.TASKS, "echo", tk.Task("echo", {"depth": 0.5}, validate, run, "recall"))
+    with pytest.raises(rope_ntk.InvalidParameterError, match=r"tasks\[0\]: depth=2"):
+        st.parse_spec(_tiny(assets, tasks=[{"task": "echo", "depth": 2}]))
+    suite = st.parse_spec(_tiny(assets, methods=["none"], tasks=[{"task": "echo", "depth": [0.25, 1.0]}]))
+    store = st.run_suite(suite, tmp_path, plot=True)
+    assert [(r["length"], r["task_params"]["depth"], r["value"]) for r in store.records] == [
+        (128, 0.25, 0.75), (128, 1.0, 0.0), (256, 0.25, 0.75), (256, 1.0, 0.0)]
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "## echo: recall" in report and "| none | 38% | 38% |" in report  # mean over the two depths
+    assert (tmp_path / "echo_depth_heatmap.png").read_bytes()[:4] == b"\x89PNG"

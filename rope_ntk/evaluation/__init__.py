@@ -1,6 +1,7 @@
 """Long-context evaluation: perplexity, passkey retrieval, sweeps and reports.
 
-Submodules: ``perplexity``, ``passkey``, ``results``, ``report``, ``sweep``.
+Submodules: ``perplexity``, ``passkey``, ``results``, ``report``, ``sweep``,
+``tasks`` (the task registry), ``suite`` (spec runner), ``compare``.
 """
 
 from .sweep import SweepConfig, run_sweep

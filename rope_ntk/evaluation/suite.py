@@ -341,6 +341,16 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, plot: bool = True
     return store
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _run_cell(suite: Suite, model, tokenizer, corpus, cell, context: dict) -> dict[str, Any]:
     method, length, task_variant = cell
     task = task_registry.get_task(task_variant.name)
@@ -350,9 +360,8 @@ def _run_cell(suite: Suite, model, tokenizer, corpus, cell, context: dict) -> di
         metrics = task.run(model, tokenizer, corpus, length, task_variant.resolved, seed=suite.seed, progress=inner)
     if task.headline not in metrics:
         raise RopeNtkError(f"task {task.name!r} returned no {task.headline!r} metric (it returned {sorted(metrics)}).")
+    metrics = _finite(metrics)  # strict JSON has no NaN / inf: None, which the report shows as n/a
     value = metrics[task.headline]
-    if isinstance(value, float) and not math.isfinite(value):
-        value = None  # strict JSON has no NaN / inf; the report shows a blank
     record = {
         **suite.cell(method, length, task_variant),
         "label": method.label,
