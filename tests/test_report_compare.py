@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from rope_ntk.evaluation import compare as cp
 from rope_ntk.evaluation import report as rp
 

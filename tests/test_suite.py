@@ -84,16 +84,18 @@ def test_json_and_yaml_specs_read_alike(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "body, fragments",
+    "name, body, fragments",
     [
-        ("{not json", ["s.json", "could not be parsed"]),
-        ("[1, 2]", ["s.json", "mapping"]),
+        ("s.json", "{not json", ["s.json", "could not be parsed"]),
+        ("s.yaml", "methods: [none,\n", ["s.yaml", "could not be parsed"]),
+        ("s.json", "[1, 2]", ["s.json", "mapping"]),
+        ("s.toml", "a = 1", ["s.toml", ".yaml, .yml or .json"]),
     ],
 )
-def test_unreadable_specs_name_the_file(tmp_path, body, fragments):
-    (tmp_path / "s.json").write_text(body, encoding="utf-8")
+def test_unreadable_specs_name_the_file(tmp_path, name, body, fragments):
+    (tmp_path / name).write_text(body, encoding="utf-8")
     with pytest.raises(rope_ntk.InvalidParameterError) as info:
-        st.load_spec(tmp_path / "s.json")
+        st.load_spec(tmp_path / name)
     for fragment in fragments:
         assert fragment in str(info.value)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .. import patching
@@ -132,22 +133,13 @@ def load_spec(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InvalidParameterError(f"spec={str(path)!r}: no such file.")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise InvalidParameterError(f"spec={str(path)!r} must end in .yaml, .yml or .json.")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise InvalidParameterError(f"spec={str(path)!r} must end in .yaml, .yml or .json.")
-    except (ValueError, ImportError) as exc:
-        if isinstance(exc, InvalidParameterError):
-            raise
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise InvalidParameterError(f"spec={str(path)!r} could not be parsed: {exc}") from None
-    except Exception as exc:  # yaml.YAMLError has no common base with ValueError
-        raise InvalidParameterError(f"spec={str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidParameterError(f"spec={str(path)!r} must hold a mapping of keys ({', '.join(SPEC_KEYS)}).")
     return data
