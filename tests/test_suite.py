@@ -12,6 +12,7 @@ import pytest
 from evalkit import reference_nll, save_tiny_lm, write_corpus
 
 import rope_ntk
+from rope_ntk.evaluation import compare as cp
 from rope_ntk.evaluation import passkey as pk
 from rope_ntk.evaluation import perplexity as pp
 from rope_ntk.evaluation import suite as st
@@ -214,6 +215,11 @@ def test_suite_numbers_equal_the_classic_sweep(assets, tmp_path, first_run):
             assert cells[(label, length, "perplexity")]["value"] == swept[(method, length, "perplexity")]["value"]
             suite_trials = cells[(label, length, "passkey")]["metrics"]["details"]
             assert suite_trials == swept[(method, length, "passkey_accuracy")]["details"]
+    # compare lines the sweep's records up with their suite equivalents
+    matched = cp.compare(list(swept.values()), store.records)
+    assert len(matched.matched) == 8 and matched.only_a == []
+    assert {r["label"] for r in matched.only_b} == {"yarn factor=2"}
+    assert all(a["value"] == b["value"] for a, b in matched.matched)
 
 
 def _counting(monkeypatch) -> list[tuple[str, int]]:

@@ -5,7 +5,9 @@ minus the keys named in ``ignore``: by default ``model``, so the same spec
 run on two checkpoints lines up cell by cell. For each matched cell the
 headline metric of both, their difference (B - A) and ratio (B / A); the
 cells found in one file only are listed apart. The newest record of a cell
-wins within a file, as in the report.
+wins within a file, as in the report. Records of the classic sweep are
+matched through their suite equivalent (``suite_cell``), so a sweep and the
+same cells run by the suite line up.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidParameterError
-from .report import headline, method_label, shown, task_name
+from ..methods import validate_params
+from .report import LEGACY_TASKS, headline, method_label, shown, task_name
 from .results import ResultsStore, cell_key
+from .tasks import PASSKEY_DEFAULTS, PERPLEXITY_DEFAULTS
 
 DEFAULT_IGNORE = ("model",)
 
@@ -40,8 +44,39 @@ def open_results(path: str | Path, argument: str = "results") -> list[dict[str, 
     return ResultsStore(path).records
 
 
+def suite_cell(record: dict) -> dict:
+    """The record's cell as the suite writes it; a classic sweep record's
+    cell is translated (its perplexity and passkey are the suite's tasks with
+    the same settings), so sweep and suite results line up."""
+    cell = record["cell"]
+    task = LEGACY_TASKS.get(cell.get("metric"))
+    if "task" in cell or task is None:
+        return cell
+    config = record.get("config", {})
+    if task == "perplexity":
+        task_params = {**PERPLEXITY_DEFAULTS, "tokens": cell["ppl_tokens"], "bos": cell["bos"],
+                       "chunk_size": config.get("chunk_size", PERPLEXITY_DEFAULTS["chunk_size"])}
+    else:
+        task_params = {**PASSKEY_DEFAULTS, "depths": [float(d) for d in cell["depths"]]}
+    translated = {
+        "model": cell["model"],
+        "dtype": cell["dtype"],
+        "corpus": {"source": cell["corpus"], "split": config.get("corpus_split", "test"),
+                   "text_field": config.get("text_field", "text")},
+        "method": cell["method"],
+        "params": validate_params(cell["method"], cell["params"]),
+        "length": cell["length"],
+        "task": task,
+        "task_params": task_params,
+        "seed": cell["seed"],
+    }
+    if "cache_consistent" in cell:
+        translated["cache_consistent"] = cell["cache_consistent"]
+    return translated
+
+
 def _key(record: dict, ignore: tuple[str, ...]) -> str:
-    return cell_key({k: v for k, v in record["cell"].items() if k not in ignore})
+    return cell_key({k: v for k, v in suite_cell(record).items() if k not in ignore})
 
 
 def _newest(records: list[dict], ignore: tuple[str, ...]) -> dict[str, dict]:
@@ -82,7 +117,7 @@ def rows(c: Comparison) -> list[list[str]]:
 
 
 def _cell_line(record: dict) -> str:
-    params = json.dumps(record["cell"].get("task_params", {}), sort_keys=True)
+    params = json.dumps(suite_cell(record).get("task_params", {}), sort_keys=True)
     return f"{task_label(record)} | {method_label(record)} | L={record['length']} | {shown(record)} | task params {params}"
 
 
