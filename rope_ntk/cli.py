@@ -31,6 +31,16 @@ def _csv(kind, name):
     return parse
 
 
+def _tokens(text: str) -> int | None:
+    """--ppl-tokens: a count, or 'all' (every token of the selected documents)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ppl-tokens={text!r}: expected an integer or 'all'") from None
+
+
 def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.ArgumentParser:
     d = SweepConfig()
     methods = "\n".join(f"  {m.name:<12} {m.paper}" for m in METHODS.values())
@@ -66,8 +76,9 @@ def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.Argumen
     )
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"],
                         help="model weights dtype; RoPE phases are float32 always (%(default)s)")
-    parser.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
-                        help="tokens scored per length; the same text span at every length (%(default)s)")
+    parser.add_argument("--ppl-tokens", type=_tokens, default=d.ppl_tokens,
+                        help="tokens scored per length; the same text span at every length, or 'all': every "
+                        "token of the selected documents (%(default)s)")
     parser.add_argument("--bos", default=d.bos, choices=["auto", "always", "never"],
                         help="prepend BOS to each perplexity window: auto follows the tokenizer (%(default)s)")
     if "perplexity" in metrics:

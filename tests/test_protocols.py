@@ -556,6 +556,9 @@ def test_cli_perplexity_flags(capsys, monkeypatch):
     assert (config.protocol, config.stride, config.num_documents, config.min_doc_tokens, config.seed) == (
         "sliding", 512, 3, 100, 7)
     assert config.exclude_documents == (4, "abcdef0123456789")
+    assert config_from_args(parser.parse_args(["--ppl-tokens", "all"])).ppl_tokens is None
+    assert _cell(config_from_args(parser.parse_args(["--ppl-tokens", "all"])), "none", 64, "perplexity")[
+        "ppl_tokens"] is None
     assert "--protocol" not in build_parser("test", ("passkey",)).format_help()
 
     import rope_ntk.evaluation.sweep as sweep
@@ -563,6 +566,7 @@ def test_cli_perplexity_flags(capsys, monkeypatch):
     monkeypatch.setattr(sweep, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for bad, fragment in ((["--stride", "0", "--protocol", "sliding"], "stride=0"),
                           (["--protocol", "strided"], "strided"),
+                          (["--ppl-tokens", "many"], "--ppl-tokens"),
                           (["--protocol", "sliding", "--stride", "9000", "--lengths", "4096"], "stride=9000")):
         try:
             status = main("test", ("perplexity",), bad)
@@ -570,3 +574,24 @@ def test_cli_perplexity_flags(capsys, monkeypatch):
             status = exc.code
         err = capsys.readouterr().err
         assert status == 2 and fragment in err and "Traceback" not in err
+
+
+def test_sweep_records_the_protocol_and_does_not_reuse_another(tmp_path):
+    from evalkit import save_tiny_lm, write_corpus
+
+    from rope_ntk.evaluation.sweep import run_sweep
+
+    model_dir = save_tiny_lm(tmp_path / "tiny-lm")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    common = dict(model=str(model_dir), corpus=str(corpus), methods=("none",), lengths=(128,), metrics=("perplexity",),
+                  ppl_tokens=254, dtype="float32")
+    out = tmp_path / "out"
+    (first,) = run_sweep(SweepConfig(**common, protocol="sliding", stride=32), out, plot=False).records
+    assert (first["protocol"], first["stride"], first["cell"]["stride"]) == ("sliding", 32, 32)
+    assert (first["tokens"], first["windows"]) == (254, 1 + math.ceil((254 - 127) / 32))
+    assert first["documents"] == [0] and len(first["selection_sha256"]) == 64
+    records = run_sweep(SweepConfig(**common), out, plot=False).records  # disjoint: a new cell
+    assert [r["protocol"] for r in records] == ["sliding", "disjoint"]
+    assert (records[1]["windows"], records[1]["tokens"]) == (2, 254)
+    assert records[1]["value"] != pytest.approx(first["value"], rel=1e-6)  # more context, other number
+    assert len(run_sweep(SweepConfig(**common, protocol="sliding", stride=32), out, plot=False).records) == 2

@@ -306,12 +306,12 @@ def plan_windows(tokenizer, corpus: list[str], length: int, params: dict, *, see
     if protocol == "truncate":
         limit = params["num_documents"] or (windows_for(length, tokens) if tokens else None)
         chosen, used = [], []
-        for index in selected:
-            if limit is not None and len(used) == limit:
-                break
+        for index in selected:  # lazy: stops measuring documents once enough are found
             ids = tokenizer(corpus[index], add_special_tokens=False).input_ids[:text]
             chosen.append(Window(ids if bos_id is None else [bos_id, *ids], 1, 0))
             used.append(index)
+            if len(used) == limit:
+                break
         if not used or (limit is not None and len(used) < limit):
             raise CorpusError(
                 f"protocol='truncate' at length={length} needs documents of at least {minimum} tokens; "

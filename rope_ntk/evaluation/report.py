@@ -15,7 +15,11 @@ METRIC_TITLES = {"perplexity": "Perplexity (lower is better)", "passkey_accuracy
 
 def _label(record: dict[str, Any]) -> str:
     factor = record.get("factor")
-    return record["method"] if factor is None else f"{record['method']} x{factor:g}"
+    label = record["method"] if factor is None else f"{record['method']} x{factor:g}"
+    protocol = record.get("protocol", "disjoint")  # perplexity records of other protocols get their own row
+    if protocol != "disjoint":
+        label += f" ({protocol}" + (f" S={record['stride']}" if record.get("stride") else "") + ")"
+    return label
 
 
 def table(records: list[dict[str, Any]], metric: str) -> str:

@@ -42,7 +42,7 @@ class SweepConfig:
     lengths: tuple[int, ...] = (4096, 8192, 16384)
     metrics: tuple[str, ...] = ("perplexity", "passkey")
     dtype: str = "bfloat16"
-    ppl_tokens: int = 16384  # scored tokens per length (same text span at every length)
+    ppl_tokens: int | None = 16384  # scored tokens per length (same span at every length); None: all selected
     bos: str = "auto"
     protocol: str = "disjoint"  # perplexity protocol: disjoint | sliding | truncate
     stride: int | None = None  # sliding only; None = length // 2
@@ -83,7 +83,7 @@ class SweepConfig:
         bad_metrics = [m for m in self.metrics if m not in ("perplexity", "passkey")]
         if bad_metrics:
             problems.append(f"metrics={bad_metrics} not known; valid: perplexity, passkey")
-        if self.ppl_tokens < 1:
+        if self.ppl_tokens is not None and (isinstance(self.ppl_tokens, bool) or self.ppl_tokens < 1):
             problems.append(f"ppl_tokens={self.ppl_tokens!r} must be >= 1")
         if "perplexity" in self.metrics:
             try:
@@ -142,8 +142,9 @@ def _cell(config: SweepConfig, method: str, length: int, metric: str) -> dict[st
         if config.protocol == "sliding":
             cell["stride"] = pp.check_stride(config.stride, length)
         for name, default in (("num_documents", None), ("min_doc_tokens", 0), ("exclude_documents", ())):
-            if getattr(config, name) != default:
-                cell[name] = list(value) if isinstance(value := getattr(config, name), tuple) else value
+            value = getattr(config, name)
+            if value != default:
+                cell[name] = list(value) if isinstance(value, tuple) else value
     else:
         cell.update(depths=list(config.depths))
     return cell
