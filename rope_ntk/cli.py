@@ -8,9 +8,13 @@ and call the library. Errors from bad arguments are printed as one line
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
+
 from .errors import RopeNtkError
+from .evaluation.perplexity import PROTOCOLS
 from .evaluation.sweep import DEFAULT_METHODS, SweepConfig, run_sweep
 from .methods import METHODS
 
@@ -25,6 +29,16 @@ def _csv(kind, name):
             raise argparse.ArgumentTypeError(f"{name}={text!r}: expected comma-separated {kind.__name__} values")
 
     return parse
+
+
+def _tokens(text: str) -> int | None:
+    """--ppl-tokens: a count, or 'all' (every token of the selected documents)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ppl-tokens={text!r}: expected an integer or 'all'") from None
 
 
 def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -42,7 +56,8 @@ def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.Argumen
         "--model", default=d.model, help="'bundled' (SmolLM2-135M GGUF), a directory, a .gguf file or a hub id"
     )
     parser.add_argument(
-        "--corpus", default=d.corpus, help="'bundled' (Paul Graham essays), a .txt/.jsonl/.json file or a datasets name"
+        "--corpus", default=d.corpus, help="'bundled' (Paul Graham essays, one document), 'bundled-essays' (one document per essay), "
+        "a .txt/.jsonl/.json file, a dataset folder or a datasets name"
     )
     parser.add_argument("--corpus-split", default=d.corpus_split, help="split of a datasets corpus (%(default)s)")
     parser.add_argument("--text-field", default=d.text_field, help="text field of .jsonl/datasets (%(default)s)")
@@ -61,18 +76,61 @@ def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.Argumen
     )
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"],
                         help="model weights dtype; RoPE phases are float32 always (%(default)s)")
-    parser.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
-                        help="tokens scored per length; the same text span at every length (%(default)s)")
+    parser.add_argument("--ppl-tokens", type=_tokens, default=d.ppl_tokens,
+                        help="tokens scored per length; the same text span at every length, or 'all': every "
+                        "token of the selected documents (%(default)s)")
     parser.add_argument("--bos", default=d.bos, choices=["auto", "always", "never"],
                         help="prepend BOS to each perplexity window: auto follows the tokenizer (%(default)s)")
+    if "perplexity" in metrics:
+        _perplexity_flags(parser, d)
     parser.add_argument("--depths", type=_csv(float, "--depths"), default=d.depths,
                         help="passkey depths in [0,1], one trial each (default: 0.25,0.5,0.75)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed for passkeys (%(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed for passkeys and for --num-documents selection (%(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="first look in ~3 minutes: lengths 2048,12288, 12288 scored tokens, one depth")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def _documents(text: str) -> tuple[int | str, ...]:
+    """--exclude-documents: comma-separated corpus indices / document ids, or
+    @FILE: a JSON list of them, or a results record / selection holding
+    "document_ids"."""
+    if text.startswith("@"):
+        try:
+            loaded = json.loads(Path(text[1:]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"--exclude-documents={text!r}: cannot read a JSON list: {exc}")
+        items = loaded.get("document_ids") if isinstance(loaded, dict) else loaded
+        if not isinstance(items, list):
+            raise argparse.ArgumentTypeError(
+                f"--exclude-documents={text!r}: expected a JSON list or an object with \"document_ids\""
+            )
+        return tuple(items)
+    return tuple(int(x) if x.strip().isdigit() else x.strip() for x in text.split(",") if x.strip())
+
+
+def _perplexity_flags(parser: argparse.ArgumentParser, d: SweepConfig) -> None:
+    group = parser.add_argument_group(
+        "perplexity protocol and documents (docs/perplexity_protocols.md)"
+    )
+    group.add_argument("--protocol", default=d.protocol, choices=PROTOCOLS,
+                       help="disjoint: consecutive windows of L scoring L-1 new tokens each (lm-eval rolling); "
+                       "sliding: windows advanced by --stride scoring only the new tokens (Press et al.); "
+                       "truncate: each document's first L tokens, one forward each (YaRN proof-pile). "
+                       "(default: %(default)s)")
+    group.add_argument("--stride", type=int, default=d.stride,
+                       help="sliding only: tokens each window advances, 1..L-1; every scored token after the "
+                       "first window sees at least L-stride tokens (default: L/2)")
+    group.add_argument("--num-documents", type=int, default=d.num_documents,
+                       help="pick this many documents, seeded by --seed (default: all, in corpus order)")
+    group.add_argument("--min-doc-tokens", type=int, default=d.min_doc_tokens,
+                       help="never pick documents shorter than this many tokens (%(default)s)")
+    group.add_argument("--exclude-documents", type=_documents, default=d.exclude_documents,
+                       help="documents never picked (held-out evaluation): comma-separated corpus indices or "
+                       "document ids, or @FILE with a JSON list or a record holding \"document_ids\"")
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -91,6 +149,9 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         depths=tuple(args.depths),
         seed=args.seed,
     )
+    for name in ("protocol", "stride", "num_documents", "min_doc_tokens", "exclude_documents"):
+        if hasattr(args, name):  # the perplexity flags exist only where perplexity runs
+            setattr(config, name, getattr(args, name))
     return config
 
 

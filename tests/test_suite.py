@@ -115,9 +115,9 @@ def test_unreadable_specs_name_the_file(tmp_path, name, body, fragments):
         ({"methods": [{"factor": 2}]}, ["methods[0]={'factor': 2}", "'method' key"]),
         ({"methods": ["none", "none"]}, ["methods lists the same method"]),
         ({"tasks": ["needle-x"]}, ["tasks[0].task", "task='needle-x'", "valid tasks: perplexity, passkey"]),
-        ({"tasks": [{"task": "perplexity", "tokenz": 3}]}, ["tasks[0].tokenz=3", "valid: protocol, tokens"]),
+        ({"tasks": [{"task": "perplexity", "tokenz": 3}]}, ["tasks[0].tokenz=3", "valid: protocol, stride, tokens"]),
         ({"tasks": [{"task": "passkey", "depths": [1.5]}]}, ["tasks[0]", "depth=1.5", "[0, 1]"]),
-        ({"tasks": [{"task": "perplexity", "protocol": "sliding"}]}, ["protocol='sliding'", "valid: disjoint"]),
+        ({"tasks": [{"task": "perplexity", "protocol": "strided"}]}, ["protocol='strided'", "disjoint", "sliding", "truncate"]),
         ({"tasks": [{"task": "perplexity", "bos": "maybe"}]}, ["bos='maybe'", "auto, always, never"]),
     ],
 )

@@ -238,17 +238,17 @@ def test_rerun_recomputes_only_missing_cells_identically(first_run, assets, tmp_
     (resumed / "results.json").write_text(json.dumps({"schema": 1, "records": kept}), encoding="utf-8")
 
     calls = {"perplexity": [], "passkey": []}
-    real_ppl, real_trial = pp.perplexity, pk.run_trial
+    real_ppl, real_trial = pp.score_windows, pk.run_trial
 
-    def count_ppl(model, stream, length, *args, **kwargs):
+    def count_ppl(model, chosen, length, *args, **kwargs):
         calls["perplexity"].append(length)
-        return real_ppl(model, stream, length, *args, **kwargs)
+        return real_ppl(model, chosen, length, *args, **kwargs)
 
     def count_trial(model, tokenizer, prompt, *args, **kwargs):
         calls["passkey"].append(len(prompt.input_ids))
         return real_trial(model, tokenizer, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(pp, "perplexity", count_ppl)
+    monkeypatch.setattr(pp, "score_windows", count_ppl)
     monkeypatch.setattr(pk, "run_trial", count_trial)
     store = run_sweep(_config(assets), resumed, plot=False)
 

@@ -55,7 +55,10 @@ def suite_cell(record: dict) -> dict:
     config = record.get("config", {})
     if task == "perplexity":
         task_params = {**PERPLEXITY_DEFAULTS, "tokens": cell["ppl_tokens"], "bos": cell["bos"],
-                       "chunk_size": config.get("chunk_size", PERPLEXITY_DEFAULTS["chunk_size"])}
+                       "chunk_size": config.get("chunk_size", PERPLEXITY_DEFAULTS["chunk_size"]),
+                       "protocol": cell.get("protocol", "disjoint"), "stride": cell.get("stride"),
+                       "num_documents": cell.get("num_documents"), "min_doc_tokens": cell.get("min_doc_tokens", 0),
+                       "exclude": list(cell.get("exclude_documents", []))}
     else:
         task_params = {**PASSKEY_DEFAULTS, "depths": [float(d) for d in cell["depths"]]}
     translated = {

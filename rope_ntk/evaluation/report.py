@@ -62,7 +62,11 @@ def method_label(record: dict[str, Any]) -> str:
     if "label" in record:
         return record["label"]
     factor = record.get("factor")  # a sweep record
-    return record["method"] if factor is None else f"{record['method']} x{factor:g}"
+    label = record["method"] if factor is None else f"{record['method']} x{factor:g}"
+    protocol = record.get("protocol", "disjoint")  # perplexity records of other protocols get their own row
+    if protocol != "disjoint":
+        label += f" ({protocol}" + (f" S={record['stride']}" if record.get("stride") else "") + ")"
+    return label
 
 
 def headline(record: dict[str, Any]) -> str:

@@ -42,8 +42,13 @@ class SweepConfig:
     lengths: tuple[int, ...] = (4096, 8192, 16384)
     metrics: tuple[str, ...] = ("perplexity", "passkey")
     dtype: str = "bfloat16"
-    ppl_tokens: int = 16384  # scored tokens per length (same text span at every length)
+    ppl_tokens: int | None = 16384  # scored tokens per length (same span at every length); None: all selected
     bos: str = "auto"
+    protocol: str = "disjoint"  # perplexity protocol: disjoint | sliding | truncate
+    stride: int | None = None  # sliding only; None = length // 2
+    num_documents: int | None = None  # None = every eligible document, in corpus order
+    min_doc_tokens: int = 0
+    exclude_documents: tuple[int | str, ...] = ()  # corpus indices or document ids (held-out evaluation)
     depths: tuple[float, ...] = (0.25, 0.5, 0.75)
     seed: int = 0
     chunk_size: int = 1024
@@ -78,8 +83,16 @@ class SweepConfig:
         bad_metrics = [m for m in self.metrics if m not in ("perplexity", "passkey")]
         if bad_metrics:
             problems.append(f"metrics={bad_metrics} not known; valid: perplexity, passkey")
-        if self.ppl_tokens < 1:
+        if self.ppl_tokens is not None and (isinstance(self.ppl_tokens, bool) or self.ppl_tokens < 1):
             problems.append(f"ppl_tokens={self.ppl_tokens!r} must be >= 1")
+        if "perplexity" in self.metrics:
+            try:
+                pp.validate_perplexity(self.perplexity_params())
+                for length in self.lengths if self.protocol == "sliding" else ():
+                    if isinstance(length, int) and length >= 2:
+                        pp.check_stride(self.stride, length)
+            except InvalidParameterError as exc:
+                problems.append(str(exc).rstrip("."))
         for m in self.methods:
             try:
                 validate_params(m, self.method_params(m))
@@ -91,6 +104,19 @@ class SweepConfig:
     def method_params(self, method: str) -> dict[str, Any]:
         name = get_method(method).name
         return {} if name == "none" else {"factor": self.factor}
+
+    def perplexity_params(self) -> dict[str, Any]:
+        """The parameters of ``perplexity.run_perplexity``."""
+        return {
+            "protocol": self.protocol,
+            "stride": self.stride,
+            "tokens": self.ppl_tokens,
+            "num_documents": self.num_documents,
+            "min_doc_tokens": self.min_doc_tokens,
+            "exclude": list(self.exclude_documents),
+            "bos": self.bos,
+            "chunk_size": self.chunk_size,
+        }
 
 
 def _cell(config: SweepConfig, method: str, length: int, metric: str) -> dict[str, Any]:
@@ -110,7 +136,15 @@ def _cell(config: SweepConfig, method: str, length: int, metric: str) -> dict[st
         # other numbers than the one-scale-per-forward legacy mode
         cell["cache_consistent"] = True
     if metric == "perplexity":
-        cell.update(ppl_tokens=config.ppl_tokens, bos=config.bos, protocol="disjoint")
+        cell.update(ppl_tokens=config.ppl_tokens, bos=config.bos, protocol=config.protocol)
+        # settings at their defaults stay out of the cell, so records made
+        # before they existed (disjoint over the whole corpus) still match
+        if config.protocol == "sliding":
+            cell["stride"] = pp.check_stride(config.stride, length)
+        for name, default in (("num_documents", None), ("min_doc_tokens", 0), ("exclude_documents", ())):
+            value = getattr(config, name)
+            if value != default:
+                cell[name] = list(value) if isinstance(value, tuple) else value
     else:
         cell.update(depths=list(config.depths))
     return cell
@@ -137,23 +171,21 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=config.dtype)
-    bos_id = pp.resolve_bos(tokenizer, config.bos)
+    pp.resolve_bos(tokenizer, config.bos)
     if "passkey" in config.metrics:  # fail before any cell, not after some
         pk.build_prompt(tokenizer, min(config.lengths), 0.0, "00000")
-    stream: list[int] = []
+    docs: list[str] = []
     if "perplexity" in config.metrics:
         docs = load_corpus(config.corpus, split=config.corpus_split, text_field=config.text_field)
-        longest = max(config.lengths)
-        stream = pp.tokenize_stream(tokenizer, docs, config.ppl_tokens + longest + 1)
     context = {"versions": versions(), "command": command_line(), "config": asdict(config)}
 
     with tqdm(total=len(plan), desc="cells", unit="cell", position=0) as bar:
-        _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, bar)
+        _run_plan(plan, model, tokenizer, docs, config, store, context, bar)
     write_report(store.records, out, with_plot=plot)
     return store
 
 
-def _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, bar) -> None:
+def _run_plan(plan, model, tokenizer, docs, config, store, context, bar) -> None:
     for method in dict.fromkeys(m for m, _, _ in plan):
         params = config.method_params(method)
         with patching.patch(model, method, **params), torch.inference_mode():
@@ -163,7 +195,7 @@ def _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, ba
                 bar.set_postfix_str(f"{method} L={length} {metric}")
                 started = time.perf_counter()
                 if metric == "perplexity":
-                    fields = _perplexity_cell(model, stream, config, length, bos_id)
+                    fields = _perplexity_cell(model, tokenizer, docs, config, length)
                 else:
                     fields = _passkey_cell(model, tokenizer, config, length)
                 record = {
@@ -180,11 +212,12 @@ def _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, ba
                 logger.info("%s L=%d %s = %.4g", method, length, record["metric"], record["value"])
 
 
-def _perplexity_cell(model, stream, config: SweepConfig, length: int, bos_id) -> dict[str, Any]:
-    count = pp.windows_for(length, config.ppl_tokens)
-    with tqdm(total=count, desc=f"  ppl L={length}", unit="win", leave=False, position=1) as bar:
-        result = pp.perplexity(model, stream, length, count, bos_id, config.chunk_size, progress=bar)
-    return {"value": result.perplexity, "tokens": result.tokens, "windows": result.windows, "nll_sum": result.nll_sum}
+def _perplexity_cell(model, tokenizer, docs, config: SweepConfig, length: int) -> dict[str, Any]:
+    params = config.perplexity_params()
+    with tqdm(desc=f"  ppl L={length}", unit="win", leave=False, position=1) as bar:
+        metrics = pp.run_perplexity(model, tokenizer, docs, length, params, seed=config.seed, progress=bar)
+    keep = ("tokens", "windows", "nll_sum", "stride", "documents", "document_ids", "selection_sha256")
+    return {"value": metrics["perplexity"], **{k: metrics[k] for k in keep}}
 
 
 def _passkey_cell(model, tokenizer, config: SweepConfig, length: int) -> dict[str, Any]:

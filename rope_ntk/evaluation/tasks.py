@@ -19,7 +19,6 @@ forms the report reads (see ``report.depth_scores``):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,53 +70,12 @@ def _positive_int(task: str, name: str, value: Any, problems: list[str]) -> None
         problems.append(f"{name}={value!r} for task {task!r} must be a whole number >= 1")
 
 
-# ---------------------------------------------------------------- perplexity (disjoint)
+# ---------------------------------------------------------------- perplexity
 
-PERPLEXITY_DEFAULTS = {"protocol": "disjoint", "tokens": 16384, "bos": "auto", "chunk_size": 1024}
-
-
-def validate_perplexity(params: dict) -> dict:
-    """``tokens``: scored tokens per length (the same text span at every
-    length); ``bos``: one of ``perplexity.BOS_POLICIES``; ``chunk_size``:
-    positions projected to logits at once (memory only, not the value)."""
-    p = {**PERPLEXITY_DEFAULTS, **params}
-    problems = _unknown("perplexity", params, PERPLEXITY_DEFAULTS)
-    if p["protocol"] != "disjoint":
-        problems.append(f"protocol={p['protocol']!r} for task 'perplexity' is not known here; valid: disjoint")
-    _positive_int("perplexity", "tokens", p["tokens"], problems)
-    _positive_int("perplexity", "chunk_size", p["chunk_size"], problems)
-    if p["bos"] not in pp.BOS_POLICIES:
-        problems.append(f"bos={p['bos']!r} for task 'perplexity' is not a BOS policy; valid: {', '.join(pp.BOS_POLICIES)}")
-    _raise(problems)
-    return p
-
-
-@functools.lru_cache(maxsize=2)
-def _stream(tokenizer, documents: tuple[str, ...], min_tokens: int) -> tuple[int, ...]:
-    return tuple(pp.tokenize_stream(tokenizer, list(documents), min_tokens))
-
-
-def run_perplexity(model, tokenizer, corpus, length: int, params: dict, *, seed: int, progress=None) -> dict:
-    """Disjoint-window perplexity (``perplexity.py``) over the first
-    ``tokens`` scored tokens of the corpus."""
-    p = validate_perplexity(params)
-    if not corpus:
-        raise InvalidParameterError("task 'perplexity' needs a corpus; the spec has corpus=None.")
-    bos_id = pp.resolve_bos(tokenizer, p["bos"])
-    count = pp.windows_for(length, p["tokens"])
-    # the stream prefix does not depend on min_tokens, so every length scores the same text
-    stream = list(_stream(tokenizer, tuple(corpus), p["tokens"] + length + 1))
-    if progress is not None:
-        progress.total = count
-    result = pp.perplexity(model, stream, length, count, bos_id, p["chunk_size"], progress=progress)
-    return {
-        "perplexity": result.perplexity,
-        "nll_sum": result.nll_sum,
-        "tokens": result.tokens,
-        "windows": result.windows,
-        "protocol": "disjoint",
-        "bos_id": bos_id,
-    }
+# the protocols (disjoint, sliding, truncate) and document selection live in perplexity.py
+PERPLEXITY_DEFAULTS = pp.PERPLEXITY_DEFAULTS
+validate_perplexity = pp.validate_perplexity
+run_perplexity = pp.run_perplexity
 
 
 # ---------------------------------------------------------------- passkey
