@@ -24,6 +24,7 @@ from .patching import (
 from .rotary import ScaledRotaryEmbedding
 from .saving import from_pretrained, save_pretrained
 from .families import FAMILIES
+from .verify import RopeMismatchError, VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "InvalidParameterError",
     "ModelLoadError",
     "PatchHandle",
+    "RopeMismatchError",
+    "VerifyReport",
     "RopeFrequencies",
     "RopeNtkError",
     "ScaledRotaryEmbedding",
@@ -52,4 +55,5 @@ __all__ = [
     "to_dtype",
     "unpatch",
     "validate_params",
+    "verify",
 ]

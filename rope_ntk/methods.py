@@ -467,6 +467,12 @@ def frequencies(
     return method.compute(params, rope, original, seq_len or original)
 
 
+def hf_types() -> dict[str, Method]:
+    """transformers' rope types rope_ntk reproduces -> the method that reads them
+    (``yarn`` -> yarn: ntk-by-parts is written as a yarn of attention factor 1)."""
+    return {m.hf_rope_type: m for m in METHODS.values() if m.hf_rope_type and m.name != "ntk-by-parts"}
+
+
 # keys of a transformers RoPE dict that describe the model, not the scaling
 HF_MODEL_KEYS = ("rope_theta", "partial_rotary_factor", "mrope_section")
 
@@ -487,7 +493,7 @@ def from_hf(rope: Any, argument: str = "rope_parameters") -> tuple[Method, dict[
             f"{argument}['rope_type']={given[0]!r} and {argument}['type']={given[1]!r} disagree; give one."
         )
     rope_type = given[0] if given else "default"
-    by_type = {m.hf_rope_type: m for m in METHODS.values() if m.hf_rope_type and m.name != "ntk-by-parts"}
+    by_type = hf_types()
     if rope_type not in by_type:
         raise InvalidParameterError(
             f"{argument}['rope_type']={rope_type!r} is not a RoPE type rope_ntk can reproduce; "

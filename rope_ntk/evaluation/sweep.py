@@ -24,7 +24,7 @@ from ..methods import get_method, validate_params
 from . import passkey as pk
 from . import perplexity as pp
 from .report import write_report
-from .results import ResultsStore, command_line, versions
+from .results import ResultsStore, command_line, locked_dir, versions
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class SweepConfig:
     chunk_size: int = 1024
     corpus_split: str = "test"
     text_field: str = "text"
+    # run code shipped with a hub model (its config's auto_map); off unless the user asks
+    trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -78,7 +80,11 @@ class SweepConfig:
         bad_metrics = [m for m in self.metrics if m not in ("perplexity", "passkey")]
         if bad_metrics:
             problems.append(f"metrics={bad_metrics} not known; valid: perplexity, passkey")
-        if self.ppl_tokens < 1:
+        if not isinstance(self.trust_remote_code, bool):
+            problems.append(f"trust_remote_code={self.trust_remote_code!r} must be True or False")
+        if isinstance(self.ppl_tokens, bool) or not isinstance(self.ppl_tokens, int):
+            problems.append(f"ppl_tokens={self.ppl_tokens!r} must be an integer >= 1")
+        elif self.ppl_tokens < 1:
             problems.append(f"ppl_tokens={self.ppl_tokens!r} must be >= 1")
         for m in self.methods:
             try:
@@ -120,6 +126,11 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
     """Compute every missing cell, writing ``results.json`` after each."""
     config.validate()
     out = Path(out_dir)
+    with locked_dir(out):  # one writer per folder; stale temp files of a killed run removed
+        return _run_locked(config, out, plot)
+
+
+def _run_locked(config: SweepConfig, out: Path, plot: bool) -> ResultsStore:
     store = ResultsStore(out / "results.json")
     plan = [
         (m, length, metric)
@@ -136,7 +147,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
     logger.info("%d cell(s) to compute, %d already done", len(plan), done)
 
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     bos_id = pp.resolve_bos(tokenizer, config.bos)
     if "passkey" in config.metrics:  # fail before any cell, not after some
         pk.build_prompt(tokenizer, min(config.lengths), 0.0, "00000")
@@ -145,6 +156,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
         docs = load_corpus(config.corpus, split=config.corpus_split, text_field=config.text_field)
         longest = max(config.lengths)
         stream = pp.tokenize_stream(tokenizer, docs, config.ppl_tokens + longest + 1)
+        for length in sorted({length for _, length, metric in plan if metric == "perplexity"}):
+            pp.windows(stream, length, pp.windows_for(length, config.ppl_tokens), bos_id)  # corpus long enough?
     context = {"versions": versions(), "command": command_line(), "config": asdict(config)}
 
     with tqdm(total=len(plan), desc="cells", unit="cell", position=0) as bar:
