@@ -7,6 +7,7 @@ located through its installed metadata and never imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -99,10 +100,11 @@ def load_model(
         else:
             _require_hub(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
-        )
+        with honour_offline():
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+            lm = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
+            )
     except RopeNtkError:
         raise
     except Exception as exc:  # readers raise anything on a bad file (struct.error on a truncated GGUF)
@@ -193,6 +195,33 @@ def _check_rope_entry(rope: dict[str, Any], config: dict[str, Any], prefix: str,
             f"{where}: original_max_position_embeddings={original!r} is larger than max_position_embeddings={target!r} "
             "(the scaled target length); valid: an original length <= max_position_embeddings."
         )
+
+
+@contextlib.contextmanager
+def honour_offline():
+    """Make ``HF_HUB_OFFLINE=1`` hold for this block even if it was set after import.
+
+    huggingface_hub and datasets read the variable once, when imported; set
+    later (``os.environ`` in a notebook, a test), it is ignored and a local
+    load still sends requests (huggingface_hub's user-agent registry, ``datasets``'
+    lookups, retried for about 20 s offline). Their flags are set for the block.
+    """
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        yield
+        return
+    import sys
+
+    flags = [(sys.modules[name], attr) for name, attr in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+    ) if name in sys.modules]
+    saved = [getattr(module, attr) for module, attr in flags]
+    for module, attr in flags:
+        setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for (module, attr), value in zip(flags, saved):
+            setattr(module, attr, value)
 
 
 def _in_hub_cache(repo_id: str) -> bool:
