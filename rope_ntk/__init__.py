@@ -6,7 +6,14 @@
         ...  # forward, generate: the scaled RoPE is in effect
 """
 
-from .errors import CorpusError, InvalidParameterError, ModelLoadError, RopeNtkError, UnsupportedModelError
+from .errors import (
+    CorpusError,
+    InvalidParameterError,
+    ModelLoadError,
+    RopeMismatchError,
+    RopeNtkError,
+    UnsupportedModelError,
+)
 from .formulas import RopeFrequencies
 from .loading import load_model, to_dtype
 from .data import load_corpus
@@ -24,7 +31,7 @@ from .patching import (
 from .rotary import ScaledRotaryEmbedding
 from .saving import from_pretrained, save_pretrained
 from .families import FAMILIES
-from .verify import RopeMismatchError, VerifyReport, verify
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 

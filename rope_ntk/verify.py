@@ -28,17 +28,13 @@ import torch
 from torch import nn
 
 from . import families, methods
-from .errors import RopeNtkError, UnsupportedModelError
+from .errors import InvalidParameterError, RopeMismatchError, UnsupportedModelError
 from .rotary import LayerTypeRotary, ScaledRotaryEmbedding, rotary_output
 
 # float32 keeps 24 significant bits: a buffer computed from the same float64 value
 # differs by at most one rounding; this leaves room for a pow() computed in float32
 INV_FREQ_RTOL = 1e-6
 ATTENTION_RTOL = 1e-6
-
-
-class RopeMismatchError(RopeNtkError, AssertionError):
-    """A rotary module does not run the RoPE its config records."""
 
 
 @dataclass
@@ -172,6 +168,8 @@ def verify(model: nn.Module, *, strict: bool = True, tokens: int = 16) -> Verify
     """
     from .patching import _STATE_ATTR, model_rope
 
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise InvalidParameterError(f"tokens={tokens!r} must be an integer >= 2 (length of the test forward pass).")
     family = families.family_of(model)
     source, expected, base = _expected_methods(model)
     targets = _targets(model)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from test_families import longrope_lists
-from tiny import make_config, make_family_config, make_model
+from tiny import FAMILY_SIZES, make_config, make_family_config, make_model
 from transformers import AutoModelForCausalLM
 
 import rope_ntk
@@ -203,17 +203,19 @@ def test_original_module_put_back_behind_the_patch_is_caught():
     assert any("is the original LlamaRotaryEmbedding" in p for p in report.problems)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gptj", "cohere", "phi", "qwen2"])
-def test_other_families(family):
+@pytest.mark.parametrize("family", sorted(FAMILY_SIZES))
+def test_every_family(family):
+    """Stock, then a static and a dynamic method, for every family rope_ntk knows."""
     model = make_model(make_family_config(family))
     assert rope_ntk.verify(model).ok
-    rope_ntk.patch(model, "yarn", factor=2.0)
-    report = rope_ntk.verify(model)
-    scaled = [c for c in report.checks if c.method == "yarn"]
-    assert scaled and all(c.called for c in report.checks)
+    for method in ("yarn", "dynamic-yarn"):
+        rope_ntk.patch(model, method, factor=2.0)
+        report = rope_ntk.verify(model)
+        assert all(c.called for c in report.checks)
+        assert method in {c.method for c in report.checks}
     if family == "gemma3_text":  # local layers keep their own unscaled RoPE
         assert sorted((c.layer_type, c.method) for c in report.checks) == [
-            ("full_attention", "yarn"), ("sliding_attention", "none")
+            ("full_attention", "dynamic-yarn"), ("sliding_attention", "none")
         ]
 
 

@@ -21,6 +21,7 @@ from ..data import load_corpus
 from ..errors import InvalidParameterError
 from ..loading import load_model
 from ..methods import get_method, validate_params
+from ..verify import verify
 from . import passkey as pk
 from . import perplexity as pp
 from .report import write_report
@@ -170,6 +171,7 @@ def _run_plan(plan, model, tokenizer, stream, bos_id, config, store, context, ba
     for method in dict.fromkeys(m for m, _, _ in plan):
         params = config.method_params(method)
         with patching.patch(model, method, **params), torch.inference_mode():
+            verify(model)  # no numbers from a RoPE other than the one recorded: raises RopeMismatchError
             for m, length, metric in plan:
                 if m != method:
                     continue
