@@ -159,7 +159,7 @@ def _probe(module: nn.Module, layer_type: str | None, positions: torch.Tensor, p
 def verify(model: nn.Module, *, strict: bool = True, tokens: int = 16) -> VerifyReport:
     """Compare the rotary modules ``model`` calls in forward with its config.
 
-    Runs one forward pass of ``tokens`` tokens (no cache) with hooks on the
+    Runs one forward pass of the decoder (``tokens`` tokens, no cache, no LM head) with hooks on the
     rotary modules; see the module docstring for what is compared. Raises
     ``RopeMismatchError`` on a mismatch when ``strict``, else returns the
     report with the problems listed. ``UnsupportedModelError`` if the model
@@ -188,8 +188,9 @@ def verify(model: nn.Module, *, strict: bool = True, tokens: int = 16) -> Verify
         vocab = model.get_input_embeddings().weight.shape[0]
         device = model.get_input_embeddings().weight.device
         ids = (torch.arange(tokens, device=device) % vocab)[None]
+        decoder = getattr(model, getattr(model, "base_model_prefix", ""), None) or model  # no LM head needed
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            decoder(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -306,7 +306,8 @@ LOAD_ROWS = [
         InvalidParameterError, ("config.json rope_parameters", "no original_max_position_embeddings",
                                 f"max_position_embeddings={TINY_LM_CONTEXT}")),
     Row("config-original-above-target", lambda c: rope_ntk.load_model(c.model_dir(_rope(
-        rope_type="llama3", factor=2.0, original_max_position_embeddings=1000))),
+        rope_type="llama3", factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=1000))),
         InvalidParameterError, ("original_max_position_embeddings=1000", f"max_position_embeddings={TINY_LM_CONTEXT}",
                                 "valid: an original length <=")),
     Row("config-rope-not-a-dict", lambda c: rope_ntk.load_model(c.model_dir(_set(rope_parameters="yarn"))),
