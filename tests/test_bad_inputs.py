@@ -10,7 +10,6 @@ temp files. To add a case, add a row to the table of its kind.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
