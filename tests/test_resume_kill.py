@@ -9,8 +9,6 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from evalkit import save_tiny_lm, write_corpus
 from rope_ntk.evaluation.results import REQUIRED
 from rope_ntk.evaluation.sweep import SweepConfig, run_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
 # fields that legitimately differ between two runs of the same cell
 VOLATILE = ("elapsed_s", "command")
 METHODS, LENGTHS, DEPTHS = ("none", "linear", "yarn"), (128, 256), (0.25, 0.75)
@@ -73,8 +70,8 @@ def test_sigkill_at_random_points_then_resume_gives_identical_results(assets, tm
     expected = _stable(_records(reference))
     assert len(expected) == CELLS
 
-    # the killed runs are forked children of this process (a real process each, SIGKILLed like any
-    # other, without paying for a fresh interpreter); the final re-run is the command line itself
+    # the killed runs are forked children of this process: a real process each, SIGKILLed like any
+    # other, without paying for a fresh interpreter
     out = tmp_path / "killed"
     fork = multiprocessing.get_context("fork")
     rng = random.Random(8)
@@ -98,10 +95,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_results(assets, tm
     # kills landed mid-sweep (after some records, before the last)
     assert sum(0 < after < CELLS for _, _, after, code in kills if code == -signal.SIGKILL) >= 2, kills
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "eval" / "sweep.py"), *_args(model, corpus, out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_sweep(config, out, plot=False)  # the re-run (the command line's resume: tests/test_cli.py)
     assert _stable(_records(out)) == expected  # identical to the uninterrupted run, bit for bit
     leftovers = sorted(p.name for p in out.iterdir() if p.name not in ("results.json", "report.md"))
     assert leftovers == [], leftovers
