@@ -6,7 +6,14 @@
         ...  # forward, generate: the scaled RoPE is in effect
 """
 
-from .errors import CorpusError, InvalidParameterError, ModelLoadError, RopeNtkError, UnsupportedModelError
+from .errors import (
+    CorpusError,
+    InvalidParameterError,
+    ModelLoadError,
+    RopeMismatchError,
+    RopeNtkError,
+    UnsupportedModelError,
+)
 from .formulas import RopeFrequencies
 from .loading import load_model, to_dtype
 from .data import load_corpus
@@ -24,6 +31,7 @@ from .patching import (
 from .rotary import ScaledRotaryEmbedding
 from .saving import from_pretrained, save_pretrained
 from .families import FAMILIES
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -38,6 +46,8 @@ __all__ = [
     "InvalidParameterError",
     "ModelLoadError",
     "PatchHandle",
+    "RopeMismatchError",
+    "VerifyReport",
     "RopeFrequencies",
     "RopeNtkError",
     "ScaledRotaryEmbedding",
@@ -52,4 +62,5 @@ __all__ = [
     "to_dtype",
     "unpatch",
     "validate_params",
+    "verify",
 ]

@@ -89,6 +89,8 @@ def build_parser(description: str, metrics: tuple[str, ...]) -> argparse.Argumen
                         help="seed for passkeys and for --num-documents selection (%(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="first look in ~3 minutes: lengths 2048,12288, 12288 scored tokens, one depth")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with a hub model (its config's auto_map); off by default")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -148,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         bos=args.bos,
         depths=tuple(args.depths),
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
     for name in ("protocol", "stride", "num_documents", "min_doc_tokens", "exclude_documents"):
         if hasattr(args, name):  # the perplexity flags exist only where perplexity runs

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CorpusError, InvalidParameterError
-from .loading import _require_hub, package_file
+from .loading import _require_hub, honour_offline, package_file
 
 BUNDLED_CORPUS = "bundled"
 BUNDLED_ESSAYS = "bundled-essays"
@@ -71,7 +71,8 @@ def _read_datasets(name: str, split: str, text_field: str, config: str | None) -
     if not offline and not Path(name).is_dir():
         _require_hub(name, "corpus", CorpusError)
     try:
-        data = datasets.load_dataset(name, config, split=split)
+        with honour_offline():
+            data = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many unrelated types for "not found / offline"
         raise CorpusError(
             f"corpus={name!r} is not a local file and could not be loaded with datasets.load_dataset "

@@ -19,3 +19,7 @@ class ModelLoadError(RopeNtkError, OSError):
 
 class CorpusError(RopeNtkError, OSError):
     """A corpus could not be read, or is too short for the request."""
+
+
+class RopeMismatchError(RopeNtkError):
+    """A rotary module does not run the RoPE its config records (see ``rope_ntk.verify``)."""

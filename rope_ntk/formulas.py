@@ -157,9 +157,10 @@ def yarn_ramp(
     """
     low = yarn_correction_dim(beta_fast, dim, rope_theta, original_max_position_embeddings)
     high = yarn_correction_dim(beta_slow, dim, rope_theta, original_max_position_embeddings)
+    # clamp first, then round (the same for finite bounds): a beta near 0 puts a bound at infinity
+    low, high = max(low, 0), min(high, dim - 1)
     if truncate:
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # one-pair ramp: avoid a zero division, as the paper's code
     pairs = torch.arange(dim // 2, dtype=torch.float64)

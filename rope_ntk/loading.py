@@ -7,7 +7,10 @@ located through its installed metadata and never imported.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
 import os
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidParameterError, ModelLoadError
+from .errors import InvalidParameterError, ModelLoadError, RopeNtkError
 
 logger = logging.getLogger(__name__)
 
@@ -86,25 +89,33 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    if not isinstance(trust_remote_code, bool):
+        raise InvalidParameterError(f"trust_remote_code={trust_remote_code!r} must be True or False.")
     source, extra, kind = _locate(model)
+    if kind == "directory":  # transformers only warns about most bad RoPE configs: refuse them first
+        check_config_file(Path(source) / "config.json", model)
     if kind == "hub" and (os.environ.get("HF_HUB_OFFLINE") == "1" or not _in_hub_cache(source)):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             extra["local_files_only"] = True
         else:
             _require_hub(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
-        )
-    except (OSError, ValueError) as exc:
+        with honour_offline():
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+            lm = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
+            )
+    except RopeNtkError:
+        raise
+    except Exception as exc:  # readers raise anything on a bad file (struct.error on a truncated GGUF)
         hint = (
             " It was taken as a Hugging Face Hub id: check the name and the network, or pass a local "
             "directory or .gguf file."
             if kind == "hub"
             else ""
         )
-        raise ModelLoadError(f"could not load model={model!r} ({kind}): {exc}.{hint}") from None
+        detail = str(exc).rstrip(".") or type(exc).__name__
+        raise ModelLoadError(f"could not load model={model!r} ({kind}): {type(exc).__name__}: {detail}.{hint}") from None
     lm.eval().to(device)
     from .patching import apply_recorded
 
@@ -112,6 +123,105 @@ def load_model(
     if torch_dtype != torch.float32:
         to_dtype(lm, torch_dtype)
     return lm, tokenizer
+
+
+# rope types that scale against an original context length, which the config must then state
+_NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")
+
+
+def check_config_file(path: Path, model: str = "model") -> None:
+    """Refuse a ``config.json`` whose RoPE rope_ntk would not reproduce faithfully.
+
+    transformers only logs warnings for most bad values (a factor of 0 or
+    NaN, an original length past the model's) and then computes nonsense,
+    or fails later with a KeyError. Checked here, through the registry:
+    the rope type, every parameter, ``original_max_position_embeddings``
+    present for the types that need it and not larger than
+    ``max_position_embeddings`` (the scaled target length).
+    """
+    if not path.is_file():
+        return  # "no config" is reported by transformers itself
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"model={model!r}: {path} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"model={model!r}: {path} holds {type(config).__name__}, not a JSON object.")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        where = f"model={model!r}: config.json {key}"
+        if not isinstance(rope, dict):
+            raise InvalidParameterError(f"{where}={rope!r} must be a JSON object such as {{\"rope_type\": \"yarn\", ...}}.")
+        nested = {k: v for k, v in rope.items() if isinstance(v, dict)}
+        entries = {f"{key}[{k!r}]": v for k, v in nested.items()} if nested and len(nested) == len(rope) else {key: rope}
+        for name, entry in entries.items():
+            _check_rope_entry(entry, config, f"model={model!r}: config.json", name)
+
+
+def _check_rope_entry(rope: dict[str, Any], config: dict[str, Any], prefix: str, name: str) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from . import methods
+
+    where = f"{prefix} {name}"
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    known = methods.hf_types()
+    if rope_type not in known:
+        if rope_type in ROPE_INIT_FUNCTIONS:
+            return  # transformers computes it; rope_ntk does not reproduce it, so cannot check it
+        valid = ", ".join(sorted(set(known) | set(ROPE_INIT_FUNCTIONS)))
+        raise InvalidParameterError(f"{where}['rope_type']={rope_type!r} is not a RoPE type; valid: {valid}.")
+    method = known[rope_type]
+    # keys that are no parameter of the type are ignored, as transformers does (with a warning)
+    checked = {k: v for k, v in rope.items() if k in ("rope_type", "type") or method.param(k)}
+    try:
+        methods.from_hf(checked, name)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"{prefix} {exc}") from None
+    if rope_type not in _NEEDS_ORIGINAL:
+        return
+    original = rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    target = config.get("max_position_embeddings")
+    if original is None:
+        raise InvalidParameterError(
+            f"{where} (rope_type {rope_type!r}) has no original_max_position_embeddings: transformers would take "
+            f"max_position_embeddings={target!r}, the extended length, as the trained one; add the context length "
+            "the model was trained with."
+        )
+    if isinstance(target, int) and isinstance(original, (int, float)) and math.isfinite(original) and original > target:
+        raise InvalidParameterError(
+            f"{where}: original_max_position_embeddings={original!r} is larger than max_position_embeddings={target!r} "
+            "(the scaled target length); valid: an original length <= max_position_embeddings."
+        )
+
+
+@contextlib.contextmanager
+def honour_offline():
+    """Make ``HF_HUB_OFFLINE=1`` hold for this block even if it was set after import.
+
+    huggingface_hub and datasets read the variable once, when imported; set
+    later (``os.environ`` in a notebook, a test), it is ignored and a local
+    load still sends requests (huggingface_hub's user-agent registry, ``datasets``'
+    lookups, retried for about 20 s offline). Their flags are set for the block.
+    """
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        yield
+        return
+    import sys
+
+    flags = [(sys.modules[name], attr) for name, attr in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+    ) if name in sys.modules]
+    saved = [getattr(module, attr) for module, attr in flags]
+    for module, attr in flags:
+        setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for (module, attr), value in zip(flags, saved):
+            setattr(module, attr, value)
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -19,6 +19,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from . import formulas
 from .errors import InvalidParameterError
 
@@ -155,13 +157,25 @@ def _reconcile_ntk(p: dict[str, Any], name: str) -> list[str]:
     return []
 
 
-def _longrope_lengths(p: dict[str, Any], rope: ModelRope) -> list[str]:
+def _longrope_lists(p: dict[str, Any], rope: ModelRope) -> list[str]:
     pairs = rope.dim // 2
-    return [
+    problems = [
         f"{key} has {len(p[key])} values but the model rotates {rope.dim} channels, so it needs {pairs} (one per pair)"
         for key in ("short_factor", "long_factor")
         if len(p[key]) != pairs
     ]
+    if problems:
+        return problems
+    # a factor so small (a denormal such as 5e-324) that the frequency overflows is refused too
+    for key in ("short_factor", "long_factor"):
+        inv_freq = formulas.longrope(rope.rope_theta, rope.dim, p[key]).inv_freq
+        if not torch.isfinite(inv_freq).all():
+            i = int((~torch.isfinite(inv_freq)).nonzero()[0])
+            problems.append(
+                f"{key}[{i}]={p[key][i]!r} makes that pair's frequency infinite; valid: factors whose "
+                f"frequencies stay finite (about > {float(formulas.default_inv_freq(rope.rope_theta, rope.dim)[i]) / 1e308:.3g})"
+            )
+    return problems
 
 
 # ---------------------------------------------------------------- transformers' schema
@@ -350,7 +364,7 @@ METHODS: dict[str, Method] = {
             _longrope,
             dynamic=True,
             hf_rope_type="longrope",
-            check_model=_longrope_lengths,
+            check_model=_longrope_lists,
             to_hf=_longrope_hf,
         ),
     ]
@@ -467,6 +481,12 @@ def frequencies(
     return method.compute(params, rope, original, seq_len or original)
 
 
+def hf_types() -> dict[str, Method]:
+    """transformers' rope types rope_ntk reproduces -> the method that reads them
+    (``yarn`` -> yarn: ntk-by-parts is written as a yarn of attention factor 1)."""
+    return {m.hf_rope_type: m for m in METHODS.values() if m.hf_rope_type and m.name != "ntk-by-parts"}
+
+
 # keys of a transformers RoPE dict that describe the model, not the scaling
 HF_MODEL_KEYS = ("rope_theta", "partial_rotary_factor", "mrope_section")
 
@@ -487,7 +507,7 @@ def from_hf(rope: Any, argument: str = "rope_parameters") -> tuple[Method, dict[
             f"{argument}['rope_type']={given[0]!r} and {argument}['type']={given[1]!r} disagree; give one."
         )
     rope_type = given[0] if given else "default"
-    by_type = {m.hf_rope_type: m for m in METHODS.values() if m.hf_rope_type and m.name != "ntk-by-parts"}
+    by_type = hf_types()
     if rope_type not in by_type:
         raise InvalidParameterError(
             f"{argument}['rope_type']={rope_type!r} is not a RoPE type rope_ntk can reproduce; "

@@ -292,7 +292,7 @@ def _check_layout(
             f"(x, position_ids{', layer_type' if extra else ''}): {exc}"
         ) from None
     same = isinstance(got, tuple) and len(got) == 2 and all(g.shape == w.shape for g, w in zip(got, want))
-    if same:
+    if same and device.type != "meta":  # a meta-device model has shapes but no values to compare
         same = all(torch.allclose(g.float(), w, atol=2e-2) for g, w in zip(got, want))
     if not same:
         raise UnsupportedModelError(

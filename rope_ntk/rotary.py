@@ -106,12 +106,13 @@ class ScaledRotaryEmbedding(nn.Module):
         self._written: tuple[torch.Tensor, int] | None = None  # positions and length of the last call
 
     def _apply(self, fn, recurse=True):
-        # Let .to()/.cuda() move the buffers, then put float32 back from the
-        # float64 masters so that model.to(torch.bfloat16) cannot round them.
+        # Let .to()/.cuda()/.to_empty() move the buffers, then put float32 back
+        # from the float64 masters, always: model.to(torch.bfloat16) would round
+        # them and to_empty() (meta-device init) would leave them uninitialized.
         super()._apply(fn, recurse)
         for name, master in self._masters.items():
             current = getattr(self, name)
-            if current.dtype != torch.float32:
+            if current.device.type != "meta":
                 setattr(self, name, master.to(device=current.device, dtype=torch.float32))
         self._dynamic_len = None
         return self

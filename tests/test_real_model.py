@@ -98,3 +98,20 @@ def test_dynamic_ntk_within_context_is_none_bit_for_bit(bundled):
     dynamic = _logits(model, ids)
     rope_ntk.unpatch(model)
     assert torch.equal(dynamic, none)
+
+
+def test_verify_on_the_bundled_model(bundled):
+    """rope_ntk.verify on the real model: stock, patched, and a tampered buffer named."""
+    model, _ = bundled
+    assert rope_ntk.verify(model).ok
+    rope_ntk.patch(model, "yarn", factor=4)
+    try:
+        (check,) = rope_ntk.verify(model).checks
+        assert check.method == "yarn" and check.inv_freq_error <= 1e-6
+        assert check.expected_attention_factor == pytest.approx(0.1 * math.log(4) + 1, rel=1e-12)
+        with torch.no_grad():
+            model.model.rotary_emb.inv_freq[5] *= 1.0001
+        with pytest.raises(rope_ntk.RopeMismatchError, match="'model.rotary_emb'"):
+            rope_ntk.verify(model)
+    finally:
+        rope_ntk.unpatch(model)

@@ -10,13 +10,19 @@ resumes where it stopped, and a crash mid-write leaves the previous file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from ..errors import InvalidParameterError
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = 1
 REQUIRED = frozenset({"cell", "method", "length", "metric", "value"})
@@ -53,6 +59,43 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def locked_dir(path: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the folder ``path`` (created if missing) while writing into it.
+
+    The lock is ``flock`` on the folder itself, so no lock file is left
+    behind and the kernel releases it when the process dies, even by
+    SIGKILL. Under it, temp files a killed writer left (``.NAME.*.tmp``
+    of ``atomic_write_text``, ``.NAME.tmp.png`` of the plot) are removed. A folder this call created and
+    that is still empty at the end (a run that failed before its first
+    record) is removed again.
+    """
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock, as before
+        fcntl = None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InvalidParameterError(
+                    f"out={str(path)!r} is being written by another running sweep; wait for it to finish "
+                    "or give another output folder."
+                ) from None
+        for stale in [*path.glob(".*.tmp"), *path.glob(".*.tmp.png")]:  # see atomic_write_text, report.plot
+            logger.info("removing %s, left by an interrupted write", stale)
+            stale.unlink(missing_ok=True)
+        yield path
+    finally:
+        os.close(fd)
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 class ResultsStore:

@@ -21,10 +21,11 @@ from ..data import load_corpus
 from ..errors import InvalidParameterError
 from ..loading import load_model
 from ..methods import get_method, validate_params
+from ..verify import verify
 from . import passkey as pk
 from . import perplexity as pp
 from .report import write_report
-from .results import ResultsStore, command_line, versions
+from .results import ResultsStore, command_line, locked_dir, versions
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class SweepConfig:
     chunk_size: int = 1024
     corpus_split: str = "test"
     text_field: str = "text"
+    # run code shipped with a hub model (its config's auto_map); off unless the user asks
+    trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -83,7 +86,11 @@ class SweepConfig:
         bad_metrics = [m for m in self.metrics if m not in ("perplexity", "passkey")]
         if bad_metrics:
             problems.append(f"metrics={bad_metrics} not known; valid: perplexity, passkey")
-        if self.ppl_tokens is not None and (isinstance(self.ppl_tokens, bool) or self.ppl_tokens < 1):
+        if not isinstance(self.trust_remote_code, bool):
+            problems.append(f"trust_remote_code={self.trust_remote_code!r} must be True or False")
+        if self.ppl_tokens is not None and (isinstance(self.ppl_tokens, bool) or not isinstance(self.ppl_tokens, int)):
+            problems.append(f"ppl_tokens={self.ppl_tokens!r} must be an integer >= 1 or None (every token)")
+        elif self.ppl_tokens is not None and self.ppl_tokens < 1:
             problems.append(f"ppl_tokens={self.ppl_tokens!r} must be >= 1")
         if "perplexity" in self.metrics:
             try:
@@ -154,6 +161,11 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
     """Compute every missing cell, writing ``results.json`` after each."""
     config.validate()
     out = Path(out_dir)
+    with locked_dir(out):  # one writer per folder; stale temp files of a killed run removed
+        return _run_locked(config, out, plot)
+
+
+def _run_locked(config: SweepConfig, out: Path, plot: bool) -> ResultsStore:
     store = ResultsStore(out / "results.json")
     plan = [
         (m, length, metric)
@@ -170,13 +182,16 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, plot: bool = True) -> Re
     logger.info("%d cell(s) to compute, %d already done", len(plan), done)
 
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
-    pp.resolve_bos(tokenizer, config.bos)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    bos_id = pp.resolve_bos(tokenizer, config.bos)
     if "passkey" in config.metrics:  # fail before any cell, not after some
         pk.build_prompt(tokenizer, min(config.lengths), 0.0, "00000")
     docs: list[str] = []
     if "perplexity" in config.metrics:
         docs = load_corpus(config.corpus, split=config.corpus_split, text_field=config.text_field)
+        params = pp.validate_perplexity(config.perplexity_params())
+        for length in sorted({length for _, length, metric in plan if metric == "perplexity"}):
+            pp.plan_windows(tokenizer, docs, length, params, seed=config.seed, bos_id=bos_id)  # corpus long enough?
     context = {"versions": versions(), "command": command_line(), "config": asdict(config)}
 
     with tqdm(total=len(plan), desc="cells", unit="cell", position=0) as bar:
@@ -189,6 +204,7 @@ def _run_plan(plan, model, tokenizer, docs, config, store, context, bar) -> None
     for method in dict.fromkeys(m for m, _, _ in plan):
         params = config.method_params(method)
         with patching.patch(model, method, **params), torch.inference_mode():
+            verify(model)  # no numbers from a RoPE other than the one recorded: raises RopeMismatchError
             for m, length, metric in plan:
                 if m != method:
                     continue
