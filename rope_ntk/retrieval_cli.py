@@ -190,15 +190,16 @@ def run(args, family: str) -> list[dict]:
                         result = tasks[task][2](model, tokenizer, corpus, length, params[task], seed=args.seed,
                                                 progress=inner)
                     elapsed = time.perf_counter() - started
+                    identity = cell(m, length, task)
                     record = {
-                        **cell(m, length, task),
+                        **identity,
                         "factor": method_params(m).get("factor"),
                         "metric": f"{task}_accuracy",
                         "value": result["accuracy"],
-                        **result,
+                        **{k: v for k, v in result.items() if k not in identity},
                         "elapsed_s": round(elapsed, 2),
                         "s_per_trial": round(elapsed / result["trials"], 3),
-                        "cell": cell(m, length, task),
+                        "cell": identity,
                         "rope": patching.describe(model)[0],
                         **context,
                     }

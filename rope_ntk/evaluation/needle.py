@@ -92,7 +92,7 @@ def run_needle(model, tokenizer, corpus, length: int, params: dict, *, seed: int
     for depth in params["depths"]:
         scores = [t["score"] for t in trials if t["depth"] == depth]
         by_depth[str(depth)] = sum(scores) / len(scores)
-    return summarize(trials, {"by_depth": by_depth, "params": params})
+    return summarize(trials, {"by_depth": by_depth, "task_params": params})
 
 
 def grid(records: list[dict]) -> tuple[list[float], list[int], list[list[float | None]]]:

@@ -173,6 +173,6 @@ def run_passkey(model, tokenizer, corpus, length: int, params: dict, *, seed: in
         "trials": len(trials),
         "correct": correct,
         "by_depth": by_depth,
-        "params": params,
+        "task_params": params,
         "details": trials,
     }

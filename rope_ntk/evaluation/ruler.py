@@ -33,7 +33,6 @@ import functools
 import random
 import re
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -249,7 +248,7 @@ def run(task: str, model, tokenizer, corpus, length: int, params: dict, *, seed:
         trials.append(score(model, tokenizer, prompt, params["scoring"], tp.new_tokens(params, answer_ids)))
         if progress is not None:
             progress.update(1)
-    return summarize(trials, {"task": task, "params": params})
+    return summarize(trials, {"task": task, "task_params": params})
 
 
 @dataclass(frozen=True)
@@ -273,19 +272,3 @@ def _task(name: str) -> RulerTask:
 
 RULER_TASKS: dict[str, RulerTask] = {name: _task(name) for name in DEFAULTS}
 
-
-def answer_from_prompt(task: str, text: str) -> list[str]:
-    """The expected answer recomputed from the prompt text alone (for tests and audits)."""
-    if task == "variable_tracking":
-        asked = re.search(r"assigned the value (\d+), directly", text).group(1)
-        holds: dict[str, str] = {}
-        for name, source in re.findall(r"VAR ([A-Z]+) = (\w+)\.", text):
-            holds[name] = holds.get(source, source)
-        return [name for name, value in holds.items() if value == asked]
-    if task == "common_words":
-        k = int(re.search(r"Which (\d+) words occur most often", text).group(1))
-        counts = Counter(re.findall(r"^\d+\. (\S+)$", text, flags=re.M))
-        return [w for w, _ in counts.most_common(k)]
-    keys = re.search(r"filed under (.+?)\?", text).group(1).split(", ")
-    found = re.findall(r"The (?:number|word|code) filed under (\S+) is (\S+?)\.(?=\s|$)", text)
-    return [v for k, v in found if k in keys]
