@@ -70,8 +70,10 @@ def build_parser(description: str, family: str) -> argparse.ArgumentParser:
         "Re-running the same command resumes: cells already in OUT/results.json are skipped.",
     )
     parser.add_argument("--out", default=f"runs/{family}", help="output directory (default: %(default)s)")
-    parser.add_argument("--model", default="bundled", help="'bundled' (SmolLM2-135M GGUF), a directory, a .gguf or a hub id")
-    parser.add_argument("--corpus", default="bundled", help="haystack text: 'bundled' essays, a file or a datasets name")
+    parser.add_argument("--model", default="bundled",
+                        help="'bundled' (SmolLM2-135M GGUF), a directory, a .gguf or a hub id")
+    parser.add_argument("--corpus", default="bundled",
+                        help="haystack text: 'bundled' essays, a file or a datasets name")
     parser.add_argument("--corpus-split", default="test", help="split of a datasets corpus (%(default)s)")
     parser.add_argument("--text-field", default="text", help="text field of .jsonl/datasets (%(default)s)")
     parser.add_argument("--methods", type=_csv(str, "--methods"), default=DEFAULT_METHODS,
@@ -81,7 +83,7 @@ def build_parser(description: str, family: str) -> argparse.ArgumentParser:
                         help="comma-separated prompt lengths in tokens (default: 4096,8192,16384)")
     if family == "ruler":
         parser.add_argument("--tasks", type=_csv(str, "--tasks"), default=tuple(n.split(":")[1] for n in tasks),
-                            help="comma-separated tasks (default: all)")
+                            help="comma-separated tasks (default: all five)")
     else:
         parser.add_argument("--depths", type=_csv(float, "--depths"), default=None,
                             help="needle depths in [0,1] (default: 0,0.25,0.5,0.75,1)")
@@ -104,10 +106,12 @@ def task_params(args, family: str) -> dict[str, dict]:
     """Validated parameters of each task this command runs."""
     tasks = tasks_of(family)
     names = [f"ruler:{t}" for t in args.tasks] if family == "ruler" else list(tasks)
-    unknown = [n for n in names if n not in tasks]
-    if unknown or not names:
-        valid = ", ".join(n.split(":")[-1] for n in tasks)
-        raise InvalidParameterError(f"tasks={[n.split(':')[-1] for n in unknown]} not known; valid: {valid}.")
+    unknown = [n.split(":")[-1] for n in names if n not in tasks]
+    valid = ", ".join(n.split(":")[-1] for n in tasks)
+    if not names:
+        raise InvalidParameterError(f"tasks is empty; give at least one of: {valid}.")
+    if unknown:
+        raise InvalidParameterError(f"tasks={unknown} not known; valid: {valid}.")
     given: dict[str, Any] = dict(args.param)
     for flag in ("trials", "depths"):
         if getattr(args, flag, None) is not None:

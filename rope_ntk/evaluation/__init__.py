@@ -1,6 +1,8 @@
 """Long-context evaluation: perplexity, passkey retrieval, sweeps and reports.
 
-Submodules: ``perplexity``, ``passkey``, ``results``, ``report``, ``sweep``.
+Submodules: ``perplexity``, ``passkey``, ``results``, ``report``, ``sweep``;
+retrieval tasks: ``needle``, ``ruler`` (RULER-style synthetic tasks),
+``scoring`` (generation / teacher forcing), ``haystack``, ``summaries``.
 """
 
 from .sweep import SweepConfig, run_sweep

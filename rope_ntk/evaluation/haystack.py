@@ -19,6 +19,7 @@ the exact token depth).
 from __future__ import annotations
 
 import bisect
+import logging
 import re
 from itertools import accumulate
 
@@ -27,6 +28,7 @@ from ..errors import CorpusError, InvalidParameterError
 NOISE = "The grass is green and the sky is blue. The sun is bright and yellow. Round and round it goes. "
 _SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")
 KINDS = ("essay", "noise")
+logger = logging.getLogger(__name__)
 
 
 def sentences(text: str) -> list[str]:
@@ -65,6 +67,12 @@ class Haystack:
 
     def capacity(self) -> int:
         return len(self.units)
+
+    def check_filled(self, n: int, prompt_tokens: int, length: int) -> None:
+        """Warn when every prepared unit went in and the prompt is still short of ``length``."""
+        if n == len(self.units) and prompt_tokens < length - (self.cum[n] - self.cum[n - 1] if n else 0):
+            logger.warning("haystack ran out at %d units: prompt has %d tokens for length %d", n, prompt_tokens,
+                           length)
 
     def boundary(self, n: int, depth: float) -> int:
         """Index k in [0, n] of the unit boundary nearest ``depth`` of n units' tokens."""

@@ -61,12 +61,12 @@ def build_prompt(encode: Encoder, haystack: Haystack, length: int, depth: float,
     needle = NEEDLE.format(key=key, value=value)
 
     def build(n: int) -> Prompt:
-        n = min(n, haystack.capacity())
         user = INSTRUCTION + haystack.text(n, [(depth, needle)]) + QUESTION.format(key=key)
         text, ids = encode(user, PREFIX.format(key=key))
         return Prompt(text, ids, [value], f" {value}.", {"depth": depth, "key": key, "units": n})
 
-    _, prompt = fit_largest(build, length, "a needle prompt", start=max(1, length // 40), limit=haystack.capacity())
+    n, prompt = fit_largest(build, length, "a needle prompt", start=max(1, length // 40), limit=haystack.capacity())
+    haystack.check_filled(n, len(prompt.input_ids), length)
     return prompt
 
 

@@ -145,8 +145,9 @@ def _fit_haystack(ctx: Context, length: int, task: str, needles, question: str, 
         text, ids = ctx.encode(user, prefix)
         return Prompt(text, ids, list(expected), answer, {**info, "units": n})
 
-    _, prompt = fit_largest(build, length, f"the {task} prompt", start=max(1, length // 40),
+    n, prompt = fit_largest(build, length, f"the {task} prompt", start=max(1, length // 40),
                             limit=ctx.haystack.capacity())
+    ctx.haystack.check_filled(n, len(prompt.input_ids), length)
     return prompt
 
 
