@@ -241,3 +241,12 @@ def test_grid_and_heatmap(tmp_path):
     path = tmp_path / "heat.png"
     assert nd.heatmap(records, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_token_tied_with_the_maximum_counts_as_argmax(tokenizer):
+    """bfloat16 logits tie exactly; a tied answer token passes (greedy could pick it)."""
+    model = tiny_lm_for(tokenizer, max_position_embeddings=512)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: every token is an argmax
+    prompt = tokenizer("The pass key is").input_ids
+    assert scoring.argmax_hits(model, prompt, [5, 17, 4000]) == [True, True, True]
