@@ -238,6 +238,11 @@ def show(records: list[dict], family: str, out: Path, plot: bool) -> None:
                     name = f"{task}_heatmap_{label.replace(' ', '_')}.png"
                     if heatmap(cells, out / name, title=f"{task}: {label}"):
                         print(f"{'':<18} heatmap: {out / name}")
+    if family == "passkey":  # the same report.md / plot as eval/sweep.py writes, from these records
+        from .evaluation.report import write_report
+
+        write_report(records, out, with_plot=plot)
+        print(f"report: {out}/report.md")
     print(f"\nresults: {out}/results.json")
 
 

@@ -120,6 +120,7 @@ def test_passkey_grid_prints_both_summaries_and_a_heatmap(assets, tmp_path, caps
         (160, 2, "passkey_accuracy"), (256, 2, "passkey_accuracy")
     ]
     assert (out / "passkey_heatmap_none.png").is_file()
+    assert "## Passkey accuracy" in (out / "report.md").read_text(encoding="utf-8")
 
 
 def test_chat_template_flag_reaches_the_prompt(assets, tmp_path, capsys):

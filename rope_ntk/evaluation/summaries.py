@@ -6,8 +6,8 @@ results, pooling every trial of a length, whatever its depth):
 * ``reliable_length`` — the longest length whose accuracy is at least
   ``threshold`` (0.8 by default), and the mean accuracy over the lengths up to
   and including it. A length that passes counts even if a shorter one failed.
-  This is the form of passkey tables that report "the longest context
-  retrieved at >= 80%" with the average accuracy below it.
+  (The form named in rope_ntk's issue 5; its origin in the literature is not
+  pinned down here.)
 * ``effective_length`` — the "effective context window size" of Chen et al.,
   *Extending Context Window of Large Language Models via Positional
   Interpolation* (arXiv:2306.15595, section 3.3): the largest length ``k``
