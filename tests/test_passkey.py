@@ -251,3 +251,100 @@ def test_run_trial_on_a_tiny_model_is_greedy_decoding(tokenizer):
                 break
     expected = tokenizer.decode(ids[len(prompt.input_ids) :], skip_special_tokens=True)
     assert trial["continuation"] == expected
+
+
+# ---------------------------------------------------------------- the grid task and its summaries
+
+from rope_ntk.evaluation import summaries  # noqa: E402
+
+
+def test_chat_template_prompt_fits_and_keeps_the_key(tokenizer):
+    for length in (256, 1000):
+        prompt = pk.build_prompt(tokenizer, length, 0.5, KEY, chat_template=True)
+        assert len(prompt.input_ids) <= length
+        assert prompt.input_ids == tokenizer(prompt.text, add_special_tokens=False).input_ids
+        assert prompt.text.count(pk.NEEDLE.format(key=KEY)) == 1
+        assert prompt.text.endswith(pk.USER_QUESTION + "<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    # off: the same text as before the option existed
+    assert pk.build_prompt(tokenizer, 1000, 0.5, KEY).text.endswith(pk.QUESTION)
+
+
+def test_grid_keys_extend_the_sweep_keys():
+    depths = [0.0, 0.5, 1.0]
+    keys = pk.grid_keys(0, 4096, depths, 3)
+    assert keys[0] == pk.trial_keys(0, 4096, depths)
+    flat = [k for row in keys for k in row]
+    assert len(flat) == 9 and len(set(flat)) == 9
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [({"depths": [1.5]}, "depth=1.5"), ({"trials": 0}, "trials=0"), ({"scoring": "judge"}, "scoring='judge'"),
+     ({"max_new_tokens": 0}, "max_new_tokens=0"), ({"lengths": [1]}, "lengths")],
+)
+def test_bad_task_params_name_the_argument(params, fragment):
+    with pytest.raises(InvalidParameterError) as info:
+        pk.validate_passkey(params)
+    assert fragment in str(info.value)
+
+
+def test_run_passkey_on_a_tiny_model(tokenizer):
+    model = tiny_lm_for(tokenizer, max_position_embeddings=512)
+    params = {"depths": [0.0, 1.0], "trials": 2}
+    gen = pk.run_passkey(model, tokenizer, None, 256, params, seed=5)
+    tf = pk.run_passkey(model, tokenizer, None, 256, {**params, "scoring": "teacher-forcing"}, seed=5)
+    for result in (gen, tf):
+        assert result["trials"] == 4 and result["correct"] == sum(t["correct"] for t in result["details"])
+        assert result["accuracy"] == result["correct"] / 4
+        assert [t["depth"] for t in result["details"]] == [0.0, 0.0, 1.0, 1.0]
+    keys = pk.grid_keys(5, 256, [0.0, 1.0], 2)
+    assert [t["key"] for t in gen["details"]] == [keys[0][0], keys[1][0], keys[0][1], keys[1][1]]
+    for t in tf["details"]:
+        assert t["correct"] == (t["token_hits"] == t["answer_tokens"])
+    for g, t in zip(gen["details"], tf["details"]):
+        assert g["key"] == t["key"]
+        assert not t["correct"] or g["correct"]
+
+
+def test_teacher_forcing_passes_when_the_key_is_the_models_own_greedy_output(tokenizer):
+    """Build the key from what the tiny model writes after the prompt: teacher forcing must pass."""
+    model = tiny_lm_for(tokenizer, max_position_embeddings=512)
+    prompt = pk.build_prompt(tokenizer, 256, 0.5, KEY)
+    out = pk.run_trial(model, tokenizer, prompt, max_new_tokens=3)
+    greedy = tokenizer(out["continuation"], add_special_tokens=False).input_ids[:3]
+    hits = pk.argmax_hits(model, prompt.input_ids, greedy)
+    assert all(hits)
+    own = pk.PasskeyPrompt(prompt.text, prompt.input_ids, tokenizer.decode(greedy).lstrip(), 0.5)
+    if tokenizer(" " + own.key, add_special_tokens=False).input_ids == greedy:
+        assert pk.run_trial_teacher_forced(model, tokenizer, own)["correct"]
+
+
+GRID = {1024: 1.0, 2048: 0.9, 4096: 0.5, 8192: 0.85, 16384: 0.1}
+
+
+def test_reliable_length_on_a_hand_made_grid():
+    r = summaries.reliable_length(GRID)
+    assert r["length"] == 8192 and r["threshold"] == 0.8
+    assert r["mean_accuracy"] == pytest.approx((1.0 + 0.9 + 0.5 + 0.85) / 4)
+    assert summaries.reliable_length(GRID, threshold=0.95) == {"length": 1024, "mean_accuracy": 1.0,
+                                                                "threshold": 0.95}
+    assert summaries.reliable_length({1024: 0.5})["length"] is None
+    assert summaries.reliable_length({})["length"] is None
+
+
+def test_effective_length_on_a_hand_made_grid():
+    assert summaries.effective_length(GRID)["length"] == 8192  # 16384 drops under 20%
+    assert summaries.effective_length(GRID, threshold=0.6)["length"] == 2048  # 4096 fails, 8192 does not count
+    assert summaries.effective_length({1024: 0.1, 2048: 1.0})["length"] is None
+    assert summaries.effective_length({2048: 1.0, 1024: 0.2})["length"] == 2048  # unordered input
+    with pytest.raises(InvalidParameterError, match="threshold=1.5"):
+        summaries.effective_length(GRID, threshold=1.5)
+
+
+def test_accuracy_by_length_pools_trials_not_cells():
+    records = [
+        {"length": 1024, "details": [{"score": 1.0}, {"score": 0.0}, {"score": 1.0}]},
+        {"length": 1024, "details": [{"score": 0.0}]},
+        {"length": 512, "details": [{"score": 1.0}]},
+    ]
+    assert summaries.accuracy_by_length(records) == {512: 1.0, 1024: 0.5}
