@@ -1,8 +1,9 @@
 """Performance benchmarks of rope_ntk on the bundled model (issue 7).
 
 Sections (``--only``, comma-separated; default: all), each measured side by
-side in one process, in interleaved repetitions (A B C ... then B C ... A,
-so background load falls on every side alike), median and spread reported:
+side in one process, in interleaved repetitions (A B, B A, A B, ... after an
+untimed warm-up, so background load falls on both sides alike), median and
+quartiles reported:
 
   overhead    forward time of a patched model / the unpatched one at the same
               length, and / transformers' own module built from the same
@@ -23,6 +24,10 @@ command skips sections already there, ``--fresh`` recomputes) and PNG plots.
 
     .venv/bin/python scripts/bench.py --quick --out runs/bench   # smoke run, a few minutes
     .venv/bin/python scripts/bench.py                            # full run -> docs/bench/
+    .venv/bin/python scripts/bench.py --only growth,memory       # some sections; later runs resume
+
+The full run prints its expected duration at start (calibrated by one
+forward); it is sized for about 25 minutes on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -525,9 +530,6 @@ def machine_info(threads: int) -> dict:
             "transformers": transformers.__version__, "platform": platform.platform(),
             "gpu": "none (no GPU machine was lent for this task)" if not torch.cuda.is_available() else "cuda"}
 
-
-def verdict(ok: bool) -> str:
-    return "**met**" if ok else "**not met**"
 
 
 def report(results: dict) -> str:
