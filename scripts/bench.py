@@ -306,7 +306,41 @@ def bench_throughput(ctx, plan, progress) -> dict:
 
 
 def run_worker(ctx, mode: str, length: int) -> dict:
-    """One eval or naive forward in a fresh interpreter: its time and peak memory."""
+    """One eval or naive forward in a fresh interpreter: its time and peak memory.
+
+    Results are kept in results.json as they come (``workers``), so an interrupted
+    run resumes after the last finished subprocess.
+    """
+    done = ctx.workers.get(f"{mode} {length}")
+    if done is not None and not done.get("failed", "").startswith("exit"):  # crashes are retried
+        return done
+    result = _spawn(ctx, mode, length)
+    ctx.workers[f"{mode} {length}"] = result
+    ctx.save()
+    return result
+
+
+def naive_guard(length: int, vocab: int) -> str | None:
+    """Why the naive loss must not run here, if its logits would not fit in the memory available now."""
+    need = length * vocab * 11 / 2**30  # GiB: bf16 logits, their float32 copy, float32 log-probs (+10%)
+    available = rss_free_gib()
+    if need > available - 2:
+        return (f"not run: the naive loss at {length} tokens needs about {need:.1f} GiB for its logits "
+                f"(bfloat16 + float32 copy + float32 log-softmax) and only {available:.1f} GiB were available "
+                "on this shared machine")
+    return None
+
+
+def rss_free_gib() -> float:
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable"))
+    return int(line.split()[1]) / 2**20
+
+
+def _spawn(ctx, mode: str, length: int) -> dict:
+    if mode == "naive":
+        why = naive_guard(length, ctx.model().config.vocab_size)
+        if why:
+            return {"mode": mode, "length": length, "failed": why}
     spec = {"mode": mode, "length": length, "threads": ctx.args.threads}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
@@ -352,8 +386,7 @@ def bench_memory(ctx, plan, progress) -> dict:
     rows = {}
     for length in plan["memory_lengths"]:
         for mode in ("eval", "naive"):
-            cached = ctx.results.get("growth", {}).get("runs", {}).get(str(length)) if mode == "eval" else None
-            rows[f"{mode} {length}"] = cached or run_worker(ctx, mode, length)
+            rows[f"{mode} {length}"] = run_worker(ctx, mode, length)  # eval runs: those of growth
             progress.update(1)
         pair = rows[f"eval {length}"], rows[f"naive {length}"]
         if not any("failed" in r for r in pair):
@@ -554,6 +587,9 @@ class Context:
             self._models[dtype], self.tokenizer = rope_ntk.load_model("bundled", dtype=dtype)
         return self._models[dtype]
 
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.everything, indent=1))
+
     def log(self, message: str) -> None:
         from tqdm import tqdm
 
@@ -616,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
                    date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     results.setdefault("sections", {})
     ctx = Context(args, results["sections"])
+    ctx.workers, ctx.path, ctx.everything = results.setdefault("workers", {}), results_path, results
     todo = [s for s in chosen if s not in results["sections"]]
     ctx.model()
     ctx.bos = resolve_bos(ctx.tokenizer, "auto")

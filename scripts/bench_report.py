@@ -106,8 +106,9 @@ def _memory(sec: dict, targets: dict) -> list[str]:
     for n in lengths:
         e, v = runs[f"eval {n}"], runs[f"naive {n}"]
         if "failed" in e or "failed" in v:
-            lines.append(f"| {n} | {e.get('extra_mib', e.get('failed'))} | {v.get('extra_mib', v.get('failed'))} "
-                         "| | | | | | |")
+            ev = f"{e['extra_mib']:.0f}" if "extra_mib" in e else e["failed"]
+            nv = f"{v['extra_mib']:.0f}" if "extra_mib" in v else v["failed"]
+            lines.append(f"| {n} | {ev} | {nv} | | | | {e.get('seconds', 0):.1f} | | |")
             continue
         ratio = runs[f"ratio {n}"]
         lines.append(
