@@ -279,20 +279,19 @@ def render(results: dict, targets: dict) -> str:
         "",
     ]
     lines += _summary(sec, targets)
-    if "overhead" in sec:
-        lines += _overhead(sec["overhead"], targets)
-    if "throughput" in sec:
-        lines += _throughput(sec["throughput"], targets)
-    if "memory" in sec:
-        lines += _memory(sec["memory"], targets)
-    if "bf16" in sec:
-        lines += _bf16(sec["bf16"], targets)
-    if "passkey" in sec:
-        lines += _passkey(sec["passkey"])
-    if "growth" in sec:
-        lines += _growth(sec["growth"])
-    if "compile" in sec:
-        lines += _compile(sec["compile"])
+    parts = (("overhead", lambda x: _overhead(x, targets)), ("throughput", lambda x: _throughput(x, targets)),
+             ("memory", lambda x: _memory(x, targets)), ("bf16", lambda x: _bf16(x, targets)),
+             ("passkey", _passkey), ("growth", _growth), ("compile", _compile))
+    for name, part in parts:
+        if name not in sec:
+            continue
+        body = part(sec[name])
+        if "--quick" in sec[name].get("ran", "") and not results.get("quick"):
+            body[1:1] = ["", f"*Measured with `--quick` settings ({sec[name]['ran']}), not the full ones.*"]
+        lines += body
+    missing = [name for name, _ in parts if name not in sec]
+    if missing:
+        lines += [f"Not measured in this report: {', '.join(missing)}.", ""]
     lines += _before(results)
     walls = ", ".join(f"{k} {v.get('wall_seconds', 0) / 60:.1f}" for k, v in sec.items())
     lines += [f"Wall time per section (minutes): {walls}.", ""]
@@ -305,16 +304,20 @@ def render(results: dict, targets: dict) -> str:
 
 def _summary(sec: dict, targets: dict) -> list[str]:
     rows = []
+
+    def quick(name: str) -> str:
+        return " (--quick)" if "--quick" in sec.get(name, {}).get("ran", "") else ""
+
     for length, cell in sec.get("overhead", {}).get("lengths", {}).items():
         for label, ratio in cell["ratio_vs_unpatched"].items():
             if label.startswith("native") or (int(length) > 8192 and "consistent" in label):
                 continue
             target = targets["dynamic" if label.startswith("dynamic") else "static"]
-            rows.append((f"patch overhead, {label}, {length} tokens", f"{ratio['median']:.3f}", f"≤ {target}",
+            rows.append((f"patch overhead, {label}, {length} tokens{quick('overhead')}", f"{ratio['median']:.3f}", f"≤ {target}",
                          _met(ratio["median"] <= target)))
     if "throughput" in sec:
         r = sec["throughput"]["ratio_eval_vs_bare"]["median"]
-        rows.append(("eval ÷ bare forward, scored tokens/s", f"{r:.3f}", f"≥ {targets['throughput']}",
+        rows.append((f"eval ÷ bare forward, scored tokens/s{quick('throughput')}", f"{r:.3f}", f"≥ {targets['throughput']}",
                      _met(r >= targets["throughput"])))
     for key, value in sec.get("memory", {}).get("runs", {}).items():
         if key.startswith("ratio"):
@@ -323,17 +326,17 @@ def _summary(sec: dict, targets: dict) -> list[str]:
     if "bf16" in sec:
         for row in sec["bf16"]["perplexity"]:
             d = row["relative_difference"]
-            rows.append((f"bf16 vs fp32 perplexity, {row['method']}, {row['length']}", f"{100 * d:+.2f}%",
+            rows.append((f"bf16 vs fp32 perplexity, {row['method']}, {row['length']}{quick('bf16')}", f"{100 * d:+.2f}%",
                          f"±{100 * targets['bf16_ppl']:g}%", _met(abs(d) <= targets["bf16_ppl"])))
     for row in sec.get("passkey", {}).get("trials", []):
         n = row["teacher_forced"]["model_forwards"]
-        rows.append((f"passkey teacher-forced forwards, {row['method']}, {row['length']}", str(n), "≤ 1", _met(n <= 1)))
+        rows.append((f"passkey teacher-forced forwards, {row['method']}, {row['length']}{quick('passkey')}", str(n), "≤ 1", _met(n <= 1)))
     if "bf16" in sec:
         s = sec["bf16"]["speed_bf16_vs_fp32"]["median"]
-        rows.append((f"bf16 speed ÷ fp32 speed, {sec['bf16']['length']} tokens", f"{s:.2f}", "reported", ""))
+        rows.append((f"bf16 speed ÷ fp32 speed, {sec['bf16']['length']} tokens{quick('bf16')}", f"{s:.2f}", "reported", ""))
     if "compile" in sec and "matches" in sec["compile"]:
         c = sec["compile"]
-        rows.append(("torch.compile vs eager, max |Δlogit|", f"{c['max_abs_logit_difference']:.1e}",
+        rows.append((f"torch.compile vs eager, max |Δlogit|{quick('compile')}", f"{c['max_abs_logit_difference']:.1e}",
                      f"≤ {c['tolerance']:g}", _met(c["matches"])))
     if not rows:
         return []
