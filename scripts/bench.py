@@ -648,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         return finish(out, results)
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["scripts/bench.py", *argv]))
+    if args.fresh or not results.get("sections"):
+        results.pop("notes", None)  # notes describe the run they were written for
     results.update(quick=args.quick, plan=plan, machine=machine_info(args.threads), command=command,
                    date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     results.setdefault("sections", {})

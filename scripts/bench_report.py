@@ -295,6 +295,8 @@ def render(results: dict, targets: dict) -> str:
     lines += _before(results)
     walls = ", ".join(f"{k} {v.get('wall_seconds', 0) / 60:.1f}" for k, v in sec.items())
     lines += [f"Wall time per section (minutes): {walls}.", ""]
+    if results.get("notes"):  # written by hand about one run; kept in results.json with it
+        lines += ["## Notes on this run", "", *[f"- {note}" for note in results["notes"]], ""]
     ran = sorted({v["ran"] for v in sec.values() if "ran" in v})
     if len(ran) > 1:
         lines += ["Sections were computed by these invocations (each resuming the same results.json):", "",
