@@ -109,10 +109,17 @@ def window_nll(model, input_ids: torch.Tensor, chunk_size: int = 1024) -> tuple[
 
     Returns ``(nll_sum, scored_tokens)``; the sum is accumulated in float64.
     """
-    decoder, head = _lm_parts(model)
+    decoder, _ = _lm_parts(model)
     # no KV cache: nothing reuses it, and filling one copies every layer's keys and values
     hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # [1, L, hidden]
     hidden, targets = hidden[0, :-1], input_ids[0, 1:]  # predict t[i+1] from position i
+    return hidden_nll(model, hidden, targets, chunk_size).item(), targets.numel()  # one sync per window
+
+
+@torch.no_grad()
+def hidden_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Float64 sum of the NLL of ``targets`` [n] under the logits of last hidden states ``hidden`` [n, hidden]."""
+    _, head = _lm_parts(model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
@@ -126,7 +133,7 @@ def window_nll(model, input_ids: torch.Tensor, chunk_size: int = 1024) -> tuple[
                 block = torch.tanh(block / softcap) * softcap
             wanted = targets[start + row : start + row + block.shape[0]]
             total += F.cross_entropy(block, wanted, reduction="sum").double()
-    return total.item(), targets.numel()  # one device sync per window, not one per chunk
+    return total
 
 
 def perplexity(
