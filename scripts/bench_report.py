@@ -332,6 +332,15 @@ def _summary(sec: dict, targets: dict) -> list[str]:
             target = targets["dynamic" if label.startswith("dynamic") else "static"]
             rows.append((f"patch overhead, {label}, {length} tokens{quick('overhead')}", f"{ratio['median']:.3f}", f"≤ {target}",
                          _met(ratio["median"] <= target)))
+    for length, cell in sec.get("overhead", {}).get("lengths", {}).items():
+        costs, forward = cell.get("rotary_ms"), 1000 * cell["seconds"]["unpatched"]["median"]
+        for label, ms in (costs or {}).items():
+            if label == "unpatched" or label.startswith("native"):
+                continue
+            bound = 1 + (ms - costs["unpatched"]) / forward
+            target = targets["dynamic" if label.startswith("dynamic") else "static"]
+            rows.append((f"patch overhead from the rotary call alone, {label}, {length} tokens{quick('overhead')}",
+                         f"{bound:.5f}", f"≤ {target}", _met(bound <= target)))
     if "throughput" in sec:
         r = sec["throughput"]["ratio_eval_vs_bare"]["median"]
         rows.append((f"eval ÷ bare forward, scored tokens/s{quick('throughput')}", f"{r:.3f}", f"≥ {targets['throughput']}",
@@ -340,6 +349,13 @@ def _summary(sec: dict, targets: dict) -> list[str]:
         if key.startswith("ratio"):
             rows.append((f"peak memory eval ÷ naive, {key.split()[1]} tokens", f"{value:.3f}",
                          f"≤ {targets['memory']}", _met(value <= targets["memory"])))
+    memory = sec.get("memory", {}).get("runs", {})
+    for key, run in memory.items():
+        length = key.split()[-1]
+        if key.startswith("eval") and f"ratio {length}" not in memory and "peak_mib" in run:
+            rows.append((f"perplexity eval at {length} tokens (naive not measured)",
+                         f"{run['extra_mib']:.0f} MiB extra, {run['peak_mib'] / 1024:.2f} GiB process peak",
+                         "runs in 24 GiB", _met(run["peak_mib"] < 24 * 1024)))
     if "bf16" in sec:
         for row in sec["bf16"]["perplexity"]:
             d = row["relative_difference"]
@@ -353,7 +369,7 @@ def _summary(sec: dict, targets: dict) -> list[str]:
         rows.append((f"bf16 speed ÷ fp32 speed, {sec['bf16']['length']} tokens{quick('bf16')}", f"{s:.2f}", "reported", ""))
     if "compile" in sec and "matches" in sec["compile"]:
         c = sec["compile"]
-        rows.append((f"torch.compile vs eager, max |Δlogit|{quick('compile')}", f"{c['max_abs_logit_difference']:.1e}",
+        rows.append((f"torch.compile vs eager, max abs logit difference{quick('compile')}", f"{c['max_abs_logit_difference']:.1e}",
                      f"≤ {c['tolerance']:g}", _met(c["matches"])))
     if not rows:
         return []
