@@ -162,16 +162,20 @@ def chunk_bounds(rotaries: list, position_ids: torch.Tensor) -> list[tuple[int, 
 
     Column c is computed with the scaling of length max over rows of position + 1 (the
     largest position seen so far, as when decoding token by token), rounded up to ``step``.
+    Keys only grow with the column (the lengths are a running maximum), so a run ends where
+    any rotary's key changes; one vectorized pass, no Python loop over the columns.
     """
-    lengths = (position_ids.max(dim=0).values.cummax(dim=0).values + 1).tolist()
-    keys = [tuple(r.scaling_key(n) for r in rotaries) for n in lengths]
-    bounds: list[tuple[int, int]] = []
-    for column, key in enumerate(keys):
-        if bounds and keys[bounds[-1][0]] == key:
-            bounds[-1] = (bounds[-1][0], column + 1)
-        else:
-            bounds.append((column, column + 1))
-    return bounds
+    lengths = position_ids.max(dim=0).values.cummax(dim=0).values + 1  # [seq]
+    seq = lengths.numel()
+    first, last = int(lengths[0]), int(lengths[-1])
+    if all(r.scaling_key(first) == r.scaling_key(last) for r in rotaries):
+        return [(0, seq)]  # the common case: one scaling for the whole input
+    change = torch.zeros(seq, dtype=torch.bool)
+    for rotary in rotaries:
+        keys = rotary.scaling_keys(lengths.cpu())  # [seq]
+        change[1:] |= keys[1:] != keys[:-1]
+    starts = [0] + (change.nonzero().flatten().tolist())
+    return list(zip(starts, starts[1:] + [seq]))
 
 
 def wrap_forward(parent: nn.Module, rotaries: list) -> None:

@@ -148,6 +148,15 @@ class ScaledRotaryEmbedding(nn.Module):
             return 0
         return self.stepped(seq_len) if self.method.param("step") else 1
 
+    def scaling_keys(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``scaling_key`` of every length in the integer tensor ``lengths``, elementwise."""
+        original = self.original_max_position_embeddings
+        if not self.method.dynamic:
+            return torch.zeros_like(lengths)
+        past = lengths > original
+        keys = -torch.div(-lengths, self.step, rounding_mode="floor") * self.step if self.method.param("step") else 1
+        return torch.where(past, keys, torch.zeros_like(lengths))
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         # position_ids: [batch, seq] -> cos, sin: [batch, seq, dim]

@@ -246,7 +246,7 @@ class _OneHotDecoder(torch.nn.Module):
         super().__init__()
         self.table = torch.tensor([rule(t) for t in range(V)])
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, use_cache=None):  # the eval passes use_cache=False
         hidden = torch.nn.functional.one_hot(self.table[input_ids], V).float()
         return SimpleNamespace(last_hidden_state=hidden)
 
