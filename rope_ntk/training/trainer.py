@@ -88,9 +88,22 @@ def _apply_lora(model, config: TrainConfig):
     return model
 
 
+def _drop_gguf_marker(model) -> None:
+    """A GGUF model is loaded dequantized to float32 but stays marked as
+    quantized, which makes ``save_pretrained`` refuse; once trained it is a
+    plain float model, so the marker goes."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
 def prepare_model(config: TrainConfig):
     """(model patched with the config's method, tokenizer), ready to train."""
     model, tokenizer = load_model(config.model, dtype="float32")
+    _drop_gguf_marker(model)
     patching.patch(model, config.method, **config.method_params())
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
