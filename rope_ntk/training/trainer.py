@@ -106,7 +106,8 @@ def prepare_model(config: TrainConfig):
     _drop_gguf_marker(model)
     patching.patch(model, config.method, **config.method_params())
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if config.lora:
         model = _apply_lora(model, config)
@@ -186,6 +187,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         _write_split(config, docs, train_ids, heldout_ids, out)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     logger.info("config: %s", config)
+    logger.info("processes: %d (%s)", accelerator.num_processes, accelerator.distributed_type)
     logger.info("%d training blocks of %d tokens; %d held-out documents; PoSE target %s",
                 len(blocks), config.window, len(heldout_ids), target if config.pose else "off")
 
@@ -225,6 +227,17 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     return _save_final(accelerator, model, tokenizer, config, out)
 
 
+def lm_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    """Causal LM forward [batch, window] with next-token loss over the whole window.
+
+    The all-ones mask is explicit: without one, transformers reads jumps in
+    ``position_ids`` (PoSE skips) as the boundaries of packed sequences and
+    would cut attention there.
+    """
+    mask = torch.ones_like(input_ids)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=input_ids)
+
+
 def _batch(blocks: torch.Tensor, config: TrainConfig, target: int, step: int, micro: int, process: int, processes: int):
     rows, positions = [], []
     for row in range(config.batch_size):
@@ -246,12 +259,9 @@ def _step(model, optimizer, scheduler, accelerator, blocks, config: TrainConfig,
             blocks, config, target, step, micro, accelerator.process_index, accelerator.num_processes
         )
         input_ids, position_ids = input_ids.to(accelerator.device), position_ids.to(accelerator.device)
-        # an explicit mask: without one transformers reads position-id jumps (PoSE skips)
-        # as boundaries of packed sequences and would cut attention there
-        mask = torch.ones_like(input_ids)
         sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            loss = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=input_ids).loss
+            loss = lm_forward(model, input_ids, position_ids).loss
         accelerator.backward(loss / config.grad_accum)
         total += loss.detach().float()
     grad_norm = float("nan")
@@ -274,7 +284,7 @@ def _save_final(accelerator, model, tokenizer, config: TrainConfig, out: Path) -
     if accelerator.is_main_process:
         model.eval()
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.config.use_cache = True
         save_pretrained(model, target, state_dict=state)
         tokenizer.save_pretrained(target)
