@@ -220,3 +220,14 @@ def test_config_validation_collects_problems():
     with pytest.raises(InvalidParameterError) as info:
         TrainConfig(steps=-1, lr=0.0, batch_size=0).validate()
     assert all(s in str(info.value) for s in ("steps=-1", "lr=0.0", "batch_size=0"))
+
+
+def test_trains_on_a_local_dataset_folder_through_datasets(assets, tmp_path):
+    """A folder goes through datasets.load_dataset, the path a hub name takes too."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text((assets["corpus"]).read_text())
+    out = tmp_path / "run"
+    train(config(assets, out, corpus=str(folder), corpus_split="train", steps=1, save_every=0))
+    held = [json.loads(line)["text"] for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert held and all(h.startswith("Record ") for h in held)
