@@ -231,3 +231,9 @@ def test_trains_on_a_local_dataset_folder_through_datasets(assets, tmp_path):
     train(config(assets, out, corpus=str(folder), corpus_split="train", steps=1, save_every=0))
     held = [json.loads(line)["text"] for line in (out / "heldout.jsonl").read_text().splitlines()]
     assert held and all(h.startswith("Record ") for h in held)
+
+
+def test_a_second_run_into_the_same_out_dir_needs_resume(assets, tmp_path):
+    train(config(assets, tmp_path, steps=1))
+    with pytest.raises(InvalidParameterError, match="out_dir=.*--resume"):
+        train(config(assets, tmp_path, steps=1))

@@ -171,11 +171,11 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    resume_from = checkpoint.latest(out) if resume else None
+    resume_from = checkpoint.latest(out)
+    if resume_from is not None and not resume:  # every process raises: none waits for the others
+        raise InvalidParameterError(f"out_dir={str(out)!r} already holds checkpoints; pass --resume or use a new out_dir.")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and checkpoint.latest(out) is not None:
-            raise InvalidParameterError(f"out_dir={str(out)!r} already holds checkpoints; pass --resume or use a new out_dir.")
     set_seed(config.seed)
 
     docs = documents(config)
