@@ -312,3 +312,22 @@ def test_any_registered_task_runs_and_reports(assets, tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "## echo: recall" in report and "| none | 38% | 38% |" in report  # mean over the two depths
     assert (tmp_path / "echo_depth_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_being_written_is_refused_and_a_wrong_rope_stops_before_any_record(assets, tmp_path, monkeypatch):
+    """Like the sweep: one writer per output folder, and each method's RoPE is
+    verified before its cells are computed."""
+    from rope_ntk.evaluation.results import locked_dir
+
+    out = tmp_path / "out"
+    with locked_dir(out):
+        with pytest.raises(rope_ntk.InvalidParameterError, match="being written by another running sweep or suite"):
+            st.run_suite(st.parse_spec(_tiny(assets)), out, plot=False)
+
+    def mismatch(model, *args, **kwargs):
+        raise rope_ntk.RopeMismatchError("inv_freq of model.rotary_emb differs from the configured method")
+
+    monkeypatch.setattr(st, "verify", mismatch)
+    with pytest.raises(rope_ntk.RopeMismatchError):
+        st.run_suite(st.parse_spec(_tiny(assets)), tmp_path / "out2", plot=False)
+    assert not (tmp_path / "out2" / "results.json").exists()

@@ -85,7 +85,7 @@ def locked_dir(path: Path) -> Iterator[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise InvalidParameterError(
-                    f"out={str(path)!r} is being written by another running sweep; wait for it to finish "
+                    f"out={str(path)!r} is being written by another running sweep or suite; wait for it to finish "
                     "or give another output folder."
                 ) from None
         for stale in [*path.glob(".*.tmp"), *path.glob(".*.tmp.png")]:  # see atomic_write_text, report.plot

@@ -38,9 +38,10 @@ from ..data import load_corpus
 from ..errors import InvalidParameterError, RopeNtkError
 from ..loading import DTYPES, load_model
 from ..methods import get_method, validate_params
+from ..verify import verify
 from . import tasks as task_registry
 from .report import write_report
-from .results import ResultsStore, command_line, versions
+from .results import ResultsStore, command_line, locked_dir, versions
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,11 @@ def plan(suite: Suite, store: ResultsStore) -> list[tuple[Variant, int, Variant]
 def run_suite(suite: Suite, out_dir: str | Path | None = None, plot: bool = True) -> ResultsStore:
     """Compute every missing cell of ``suite``, writing each record as it finishes."""
     out = Path(out_dir or suite.out or "runs/suite")
+    with locked_dir(out):  # one writer per folder; temp files of a killed run are cleaned
+        return _run_locked(suite, out, plot)
+
+
+def _run_locked(suite: Suite, out: Path, plot: bool) -> ResultsStore:
     store = ResultsStore(out / "results.json")
     todo = plan(suite, store)
     total = len(suite.cells())
@@ -324,6 +330,7 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, plot: bool = True
         with tqdm(total=len(todo), desc="cells", unit="cell", position=0) as bar:
             for method in dict.fromkeys(m for m, _, _ in todo):
                 with patching.patch(model, method.name, **method.params), torch.inference_mode():
+                    verify(model)  # no numbers from a RoPE other than the one recorded: RopeMismatchError
                     rope = patching.describe(model)[0]
                     for cell in (c for c in todo if c[0] is method):
                         bar.set_postfix_str(f"{method.label} L={cell[1]} {cell[2].label}")
