@@ -17,19 +17,10 @@ from typing import Any
 
 from .errors import InvalidParameterError, RopeNtkError
 from .evaluation.sweep import DEFAULT_METHODS
+from .cli import _csv
 from .methods import METHODS, get_method, validate_params
 
 logger = logging.getLogger("rope_ntk")
-
-
-def _csv(kind, name):
-    def parse(text: str):
-        try:
-            return tuple(kind(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}={text!r}: expected comma-separated {kind.__name__} values")
-
-    return parse
 
 
 def _param(text: str) -> tuple[str, Any]:

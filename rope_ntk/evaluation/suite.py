@@ -40,7 +40,7 @@ from ..loading import DTYPES, load_model
 from ..methods import get_method, validate_params
 from ..verify import verify
 from . import tasks as task_registry
-from .report import write_report
+from .report import _fmt, write_report
 from .results import ResultsStore, command_line, locked_dir, versions
 
 logger = logging.getLogger(__name__)
@@ -116,14 +116,6 @@ class Suite:
         if get_method(method.name).dynamic or method.name == "longrope":
             cell["cache_consistent"] = True  # the default since issue 4 (see sweep.py)
         return cell
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
 
 
 # ---------------------------------------------------------------- loading and validation
