@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short lengths and few repetitions: a smoke run of a few minutes")
     parser.add_argument("--out", default=None, help="output directory (default: docs/bench, or runs/bench-quick with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
-    parser.add_argument("--fresh", action="store_true", help="recompute sections already in OUT/results.json")
+    parser.add_argument("--fresh", action="store_true",
+                        help="recompute: with --only, those sections (the others are kept); else the whole run")
     parser.add_argument("--before", default=None, help="results.json of a run on the code before the library "
                         "changes, for a before/after table (sections overhead, throughput, memory)")
     parser.add_argument("--after", default=None, help="results.json of the same command on the changed code "
@@ -646,7 +647,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/bench-quick" if args.quick else "docs/bench"))
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {}
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.fresh and args.only and results.get("quick", args.quick) == args.quick:
+        # --fresh --only X recomputes X and keeps the other sections of the run
+        for section in chosen:
+            results.get("sections", {}).pop(section, None)
+        if {"growth", "memory"} & set(chosen):
+            results.pop("workers", None)  # growth's eval runs feed memory
+    elif args.fresh:
+        results = {}
     plan = QUICK if args.quick else FULL
     if results.get("quick", args.quick) != args.quick:
         print(f"error: {results_path} holds a {'quick' if results['quick'] else 'full'} run; use --fresh "
@@ -660,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return finish(out, results)
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["scripts/bench.py", *argv]))
-    if args.fresh or not results.get("sections"):
+    if (args.fresh and set(chosen) == set(SECTIONS)) or not results.get("sections"):
         results.pop("notes", None)  # notes describe the run they were written for
     results.update(quick=args.quick, plan=plan, machine=machine_info(args.threads), command=command,
                    date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
