@@ -21,6 +21,27 @@ from .methods import METHODS
 QUICK = dict(lengths=(2048, 12288), ppl_tokens=12288, depths=(0.5,))
 
 
+def setup_logging(verbose: bool) -> None:
+    """The log format every entry point uses (``-v``: debug)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def fail(exc: Exception) -> int:
+    """Bad input: one ``error:`` line, exit status 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def interrupted(hint: str) -> int:
+    """Ctrl-C: say what is kept and how to go on, exit status 130."""
+    print(f"\ninterrupted; {hint}", file=sys.stderr)
+    return 130
+
+
 def _csv(kind, name):
     def parse(text: str):
         try:
@@ -163,22 +184,16 @@ def main(description: str, metrics: tuple[str, ...], argv: list[str] | None = No
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**QUICK)  # explicit flags still win over the preset
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     try:
         config = config_from_args(args)
         config.validate()
         logging.getLogger("rope_ntk").info("config: %s", config)
         store = run_sweep(config, args.out, plot=not args.no_plot)
     except (RopeNtkError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished cells are in {args.out}/results.json, re-run to resume", file=sys.stderr)
-        return 130
+        return interrupted(f"finished cells are in {args.out}/results.json, re-run to resume")
     from .evaluation.report import table
 
     for metric, title in (("perplexity", "Perplexity"), ("passkey_accuracy", "Passkey accuracy")):

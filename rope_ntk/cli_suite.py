@@ -7,24 +7,10 @@ one ``error: ...`` line with exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
+from .cli import fail, interrupted, setup_logging
 from .errors import RopeNtkError
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
-def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
 
 
 def suite_main(description: str, argv: list[str] | None = None) -> int:
@@ -44,7 +30,7 @@ def suite_main(description: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    _logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         suite = st.parse_spec(st.load_spec(args.spec), out=args.out)
         out = Path(suite.out or "runs/suite")
@@ -58,10 +44,9 @@ def suite_main(description: str, argv: list[str] | None = None) -> int:
             return 0
         store = st.run_suite(suite, out, plot=not args.no_plot)
     except (RopeNtkError, ValueError) as exc:
-        return _fail(exc)
+        return fail(exc)
     except KeyboardInterrupt:
-        print("\ninterrupted; finished cells are in the results file, re-run to resume", file=sys.stderr)
-        return 130
+        return interrupted("finished cells are in the results file, re-run to resume")
     from .evaluation.report import rows, task_table
 
     all_rows = rows(store.records)
@@ -84,7 +69,7 @@ def report_main(description: str, argv: list[str] | None = None) -> int:
     try:
         records = [r for i, path in enumerate(args.results) for r in open_results(path, f"results[{i}]")]
     except (RopeNtkError, ValueError) as exc:
-        return _fail(exc)
+        return fail(exc)
     first = Path(args.results[0])
     target = Path(args.to) if args.to else (first if first.is_dir() else first.parent)
     path = write_report(records, target, with_plot=not args.no_plot)
@@ -106,7 +91,7 @@ def compare_main(description: str, argv: list[str] | None = None) -> int:
     try:
         a, b = cp.open_results(args.a, "a"), cp.open_results(args.b, "b")
     except (RopeNtkError, ValueError) as exc:
-        return _fail(exc)
+        return fail(exc)
     ignore = tuple(k.strip() for k in args.ignore.split(",") if k.strip())
     result = cp.compare(a, b, (args.a, args.b), ignore)
     print(cp.terminal(result))

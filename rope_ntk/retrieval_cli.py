@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidParameterError, RopeNtkError
 from .evaluation.sweep import DEFAULT_METHODS
-from .cli import _csv
+from .cli import _csv, fail, interrupted, setup_logging
 from .methods import METHODS, get_method, validate_params
 
 logger = logging.getLogger("rope_ntk")
@@ -240,15 +239,12 @@ def show(records: list[dict], family: str, out: Path, plot: bool) -> None:
 def main(description: str, family: str, argv: list[str] | None = None) -> int:
     parser = build_parser(description, family)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(args.verbose)
     try:
         records = run(args, family)
     except (RopeNtkError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished cells are in {args.out}/results.json, re-run to resume", file=sys.stderr)
-        return 130
+        return interrupted(f"finished cells are in {args.out}/results.json, re-run to resume")
     show(records, family, Path(args.out), plot=not args.no_plot)
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import fields
 
+from ..cli import fail, interrupted, setup_logging
 from ..errors import RopeNtkError
 from ..methods import METHODS
 from .config import PRESETS, TrainConfig
@@ -106,10 +106,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
     from .trainer import train
 
@@ -118,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         config.validate()
         target = train(config, resume=args.resume)
     except RopeNtkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; re-run with --resume to continue from the last checkpoint in {args.out_dir or TrainConfig.out_dir}", file=sys.stderr)
-        return 130
+        return interrupted(f"re-run with --resume to continue from the last checkpoint in {args.out_dir or TrainConfig.out_dir}")
     print(f"model: {target}  log: {config.out_dir}/log.jsonl  held-out text: {config.out_dir}/heldout.jsonl")
     return 0
