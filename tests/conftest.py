@@ -48,3 +48,14 @@ def long_ids() -> torch.Tensor:
 def short_ids() -> torch.Tensor:
     """``[1, ORIGINAL]`` token ids: exactly the original context."""
     return token_ids(ORIGINAL, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """(model folder, corpus file): a tiny seeded Llama saved with the bundled
+    tokenizer and a few thousand words of text (``evalkit``), built once for
+    the session; tests read them and write their outputs elsewhere."""
+    from evalkit import save_tiny_lm, write_corpus
+
+    root = tmp_path_factory.mktemp("tiny-assets")
+    return save_tiny_lm(root / "tiny-lm"), write_corpus(root / "corpus.txt")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from evalkit import save_tiny_lm, write_corpus
 
 from rope_ntk.methods import METHODS
 
@@ -34,16 +33,10 @@ def run_script(script: str, *args: str, timeout: float = 180) -> subprocess.Comp
     )
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-assets")
-    return save_tiny_lm(root / "tiny-lm"), write_corpus(root / "corpus.txt")
-
-
 @pytest.fixture
-def small(assets, tmp_path):
+def small(tiny_assets, tmp_path):
     """Arguments of a valid, seconds-long run into a fresh output directory."""
-    model_dir, corpus = assets
+    model_dir, corpus = tiny_assets
     out = tmp_path / "out"
     args = [
         "--model", str(model_dir), "--corpus", str(corpus), "--methods", "none,yarn", "--lengths", "128",

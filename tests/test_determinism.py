@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from evalkit import bundled_tokenizer, save_tiny_lm, write_corpus
+from evalkit import bundled_tokenizer, write_corpus
 
 import rope_ntk
 from rope_ntk.evaluation import passkey as pk
@@ -68,14 +68,8 @@ def test_same_documents_and_windows(tmp_path):
     assert rope_ntk.load_corpus(str(jsonl)) == corpus.read_text().split("\n\n")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("determinism")
-    return save_tiny_lm(root / "lm"), write_corpus(root / "corpus.txt")
-
-
-def test_same_seed_same_results(assets, tmp_path):
-    model, corpus = assets
+def test_same_seed_same_results(tiny_assets, tmp_path):
+    model, corpus = tiny_assets
 
     def run(out: Path, seed: int) -> list[dict]:
         config = SweepConfig(model=str(model), corpus=str(corpus), methods=("none", "dynamic-yarn"),

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from evalkit import save_tiny_lm, write_corpus
 
 import rope_ntk
 from rope_ntk import ModelLoadError
@@ -43,12 +42,6 @@ socket.create_connection = _refuse("create_connection")
 '''
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("offline")
-    return save_tiny_lm(root / "lm"), write_corpus(root / "corpus.txt")
-
-
 @pytest.fixture
 def no_network(monkeypatch):
     """Refuse and record every connection and name lookup of this process."""
@@ -69,8 +62,8 @@ def no_network(monkeypatch):
     return attempts
 
 
-def test_local_model_corpus_sweep_and_verify_touch_no_network(assets, tmp_path, no_network):
-    model_dir, corpus = assets
+def test_local_model_corpus_sweep_and_verify_touch_no_network(tiny_assets, tmp_path, no_network):
+    model_dir, corpus = tiny_assets
     model, tokenizer = rope_ntk.load_model(str(model_dir))
     rope_ntk.patch(model, "yarn", factor=2)
     rope_ntk.verify(model)
@@ -103,9 +96,9 @@ def test_hub_id_without_network_fails_fast_when_not_offline(no_network, monkeypa
     assert [a.split()[0] for a in no_network] == ["getaddrinfo"]  # the lookup, nothing more
 
 
-def test_the_command_line_offline_with_sockets_blocked(assets, tmp_path):
+def test_the_command_line_offline_with_sockets_blocked(tiny_assets, tmp_path):
     """The eval script as a user runs it, in a process whose sockets are blocked from startup."""
-    model_dir, corpus = assets
+    model_dir, corpus = tiny_assets
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -139,10 +132,10 @@ def test_trust_remote_code_is_off_by_default():
     assert config_from_args(parser.parse_args(["--trust-remote-code"])).trust_remote_code is True
 
 
-def test_a_model_shipping_code_is_refused_and_its_code_never_runs(assets, tmp_path, no_network):
+def test_a_model_shipping_code_is_refused_and_its_code_never_runs(tiny_assets, tmp_path, no_network):
     """A model folder whose config maps to its own Python file: without trust_remote_code
     the load fails with ModelLoadError, and the file (which would leave a marker) never ran."""
-    model_dir, _ = assets
+    model_dir, _ = tiny_assets
     evil = tmp_path / "evil"
     evil.mkdir()
     for source in model_dir.iterdir():

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from evalkit import save_tiny_lm, write_corpus
 
 from rope_ntk.evaluation.results import REQUIRED
 from rope_ntk.evaluation.sweep import SweepConfig, run_sweep
@@ -55,14 +54,8 @@ def _count(out: Path) -> int:
         return -1
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill-assets")
-    return save_tiny_lm(root / "lm"), write_corpus(root / "corpus.txt")
-
-
-def test_sigkill_at_random_points_then_resume_gives_identical_results(assets, tmp_path):
-    model, corpus = assets
+def test_sigkill_at_random_points_then_resume_gives_identical_results(tiny_assets, tmp_path):
+    model, corpus = tiny_assets
     reference = tmp_path / "reference"
     config = SweepConfig(model=str(model), corpus=str(corpus), methods=METHODS, lengths=LENGTHS, ppl_tokens=256,
                          depths=DEPTHS, dtype="float32")
@@ -101,7 +94,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_results(assets, tm
     assert leftovers == [], leftovers
 
 
-def test_a_second_sweep_into_the_same_folder_is_refused(assets, tmp_path, capsys):
+def test_a_second_sweep_into_the_same_folder_is_refused(tiny_assets, tmp_path, capsys):
     """Two writers would overwrite each other's records: the second one exits 2 at once."""
     import fcntl
 
@@ -112,7 +105,7 @@ def test_a_second_sweep_into_the_same_folder_is_refused(assets, tmp_path, capsys
     fd = os.open(out, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a running sweep holds it
     try:
-        model, corpus = assets
+        model, corpus = tiny_assets
         status, line = run_main(capsys, *_args(model, corpus, out))
     finally:
         os.close(fd)
@@ -121,9 +114,9 @@ def test_a_second_sweep_into_the_same_folder_is_refused(assets, tmp_path, capsys
     assert list(out.iterdir()) == []
 
 
-def test_stale_temp_files_of_a_killed_write_are_removed(assets, tmp_path):
+def test_stale_temp_files_of_a_killed_write_are_removed(tiny_assets, tmp_path):
     """What a SIGKILL between the temp write and the rename leaves does not survive the re-run."""
-    model, corpus = assets
+    model, corpus = tiny_assets
     out = tmp_path / "out"
     out.mkdir()
     (out / ".results.json.abc123.tmp").write_text('{"schema": 1, "records": [', encoding="utf-8")

@@ -10,18 +10,11 @@ import json
 import re
 
 import pytest
-from evalkit import save_tiny_lm, write_corpus
 from test_cli import error_line, error_lines, run_script
 
 from rope_ntk import retrieval_cli
 from rope_ntk.evaluation.ruler import DEFAULTS
 from rope_ntk.methods import METHODS
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("retrieval-assets")
-    return save_tiny_lm(root / "tiny-lm"), write_corpus(root / "corpus.txt")
 
 
 def run_main(capsys, family: str, *argv: str) -> tuple[int, str, str]:
@@ -60,8 +53,8 @@ def test_help(capsys, family):
         ("needle", ["--trials", "0"], ["trials=0"]),
     ],
 )
-def test_bad_arguments_are_one_error_line(assets, tmp_path, capsys, family, bad, fragments):
-    model_dir, corpus = assets
+def test_bad_arguments_are_one_error_line(tiny_assets, tmp_path, capsys, family, bad, fragments):
+    model_dir, corpus = tiny_assets
     base = ["--model", str(model_dir), "--corpus", str(corpus), "--lengths", "256", "--out", str(tmp_path / "o")]
     status, _, err = run_main(capsys, family, *base, *bad)
     assert status == 2
@@ -71,8 +64,8 @@ def test_bad_arguments_are_one_error_line(assets, tmp_path, capsys, family, bad,
     assert not (tmp_path / "o" / "results.json").exists()
 
 
-def test_ruler_script_runs_resumes_and_records(assets, tmp_path, capsys):
-    model_dir, corpus = assets
+def test_ruler_script_runs_resumes_and_records(tiny_assets, tmp_path, capsys):
+    model_dir, corpus = tiny_assets
     out = tmp_path / "out"
     args = [
         "--model", str(model_dir), "--corpus", str(corpus), "--methods", "none,yarn", "--lengths", "256",
@@ -106,8 +99,8 @@ def test_ruler_script_runs_resumes_and_records(assets, tmp_path, capsys):
     assert redone[3]["cell"] == records[0]["cell"] and redone[3]["details"] == records[0]["details"]
 
 
-def test_passkey_grid_prints_both_summaries_and_a_heatmap(assets, tmp_path, capsys):
-    model_dir, _ = assets
+def test_passkey_grid_prints_both_summaries_and_a_heatmap(tiny_assets, tmp_path, capsys):
+    model_dir, _ = tiny_assets
     out = tmp_path / "pk"
     status, stdout, err = run_main(
         capsys, "passkey", "--model", str(model_dir), "--methods", "none", "--lengths", "160,256",
@@ -123,8 +116,8 @@ def test_passkey_grid_prints_both_summaries_and_a_heatmap(assets, tmp_path, caps
     assert "## Passkey accuracy" in (out / "report.md").read_text(encoding="utf-8")
 
 
-def test_chat_template_flag_reaches_the_prompt(assets, tmp_path, capsys):
-    model_dir, corpus = assets
+def test_chat_template_flag_reaches_the_prompt(tiny_assets, tmp_path, capsys):
+    model_dir, corpus = tiny_assets
     out = tmp_path / "nd"
     status, _, err = run_main(
         capsys, "needle", "--model", str(model_dir), "--corpus", str(corpus), "--methods", "none",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from evalkit import reference_nll, save_tiny_lm, write_corpus
+from evalkit import reference_nll
 
 import rope_ntk
 from rope_ntk.evaluation import compare as cp
@@ -140,21 +140,15 @@ def test_every_problem_is_reported_at_once():
 # ---------------------------------------------------------------- running on a tiny model
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite-assets")
-    return save_tiny_lm(root / "tiny-lm"), write_corpus(root / "corpus.txt")
-
-
-def _tiny(assets, **overrides) -> dict:
-    model_dir, corpus = assets
+def _tiny(tiny_assets, **overrides) -> dict:
+    model_dir, corpus = tiny_assets
     return _spec(model=str(model_dir), corpus=str(corpus), dtype="float32", **overrides)
 
 
 @pytest.fixture(scope="module")
-def first_run(assets, tmp_path_factory):
+def first_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("suite-out")
-    store = st.run_suite(st.parse_spec(_tiny(assets)), out, plot=False)
+    store = st.run_suite(st.parse_spec(_tiny(tiny_assets)), out, plot=False)
     return out, store, (out / "results.json").read_text(encoding="utf-8")
 
 
@@ -162,11 +156,11 @@ def _by_cell(records):
     return {(r["label"], r["length"], r["task"]): r for r in records}
 
 
-def test_one_record_per_cell_carrying_what_reproduces_it(first_run, assets):
+def test_one_record_per_cell_carrying_what_reproduces_it(first_run, tiny_assets):
     out, store, text = first_run
     records = json.loads(text)["records"]
     assert len(records) == 12 and len(_by_cell(records)) == 12
-    model_dir, corpus = assets
+    model_dir, corpus = tiny_assets
     for r in records:
         assert r["cell"] == {k: r[k] for k in r["cell"]}
         assert r["model"] == str(model_dir) and r["dtype"] == "float32" and r["seed"] == 0
@@ -186,9 +180,9 @@ def test_one_record_per_cell_carrying_what_reproduces_it(first_run, assets):
             assert r["metrics"]["by_depth"] == [{"depth": 0.5, "accuracy": float(trial["correct"]), "trials": 1}]
 
 
-def test_perplexity_cells_match_an_independent_computation(first_run, assets):
+def test_perplexity_cells_match_an_independent_computation(first_run, tiny_assets):
     _, store, _ = first_run
-    model_dir, corpus = assets
+    model_dir, corpus = tiny_assets
     model, tokenizer = rope_ntk.load_model(str(model_dir), dtype="float32")
     stream = tokenizer(corpus.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     cells = _by_cell(store.records)
@@ -202,10 +196,10 @@ def test_perplexity_cells_match_an_independent_computation(first_run, assets):
         assert scaled != pytest.approx(plain, rel=1e-4)
 
 
-def test_suite_numbers_equal_the_classic_sweep(assets, tmp_path, first_run):
+def test_suite_numbers_equal_the_classic_sweep(tiny_assets, tmp_path, first_run):
     """The suite's perplexity and passkey tasks reproduce the sweep's cells bit for bit."""
     _, store, _ = first_run
-    model_dir, corpus = assets
+    model_dir, corpus = tiny_assets
     config = SweepConfig(model=str(model_dir), corpus=str(corpus), methods=("none", "yarn"), factor=4.0,
                          lengths=(128, 256), ppl_tokens=256, depths=(0.5,), dtype="float32")
     swept = {(r["method"], r["length"], r["metric"]): r for r in run_sweep(config, tmp_path, plot=False).records}
@@ -236,7 +230,7 @@ def _counting(monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
-def test_rerun_computes_no_cell_and_loads_no_model(first_run, assets, monkeypatch):
+def test_rerun_computes_no_cell_and_loads_no_model(first_run, tiny_assets, monkeypatch):
     out, _, text = first_run
 
     def no_load(*args, **kwargs):
@@ -245,39 +239,39 @@ def test_rerun_computes_no_cell_and_loads_no_model(first_run, assets, monkeypatc
     monkeypatch.setattr(st, "load_model", no_load)
     calls = _counting(monkeypatch)
     (out / "report.md").unlink()
-    st.run_suite(st.parse_spec(_tiny(assets)), out, plot=False)
+    st.run_suite(st.parse_spec(_tiny(tiny_assets)), out, plot=False)
     assert calls == []
     assert (out / "results.json").read_text(encoding="utf-8") == text
     assert (out / "report.md").is_file()
 
 
-def test_a_changed_parameter_recomputes_only_the_cells_it_touches(first_run, assets, tmp_path, monkeypatch):
+def test_a_changed_parameter_recomputes_only_the_cells_it_touches(first_run, tiny_assets, tmp_path, monkeypatch):
     _, _, text = first_run
     (tmp_path / "results.json").write_text(text, encoding="utf-8")
     calls = _counting(monkeypatch)
     # factor 4 -> 8: the 'none' and factor-2 cells stay, the factor-8 ones are new
-    spec = _tiny(assets, methods=["none", {"method": "yarn", "factor": [2, 8]}])
+    spec = _tiny(tiny_assets, methods=["none", {"method": "yarn", "factor": [2, 8]}])
     store = st.run_suite(st.parse_spec(spec), tmp_path, plot=False)
     assert sorted(calls) == sorted((t, n) for t in ("perplexity", "passkey") for n in (128, 256))
     assert [r["label"] for r in store.records[12:]] == ["yarn factor=8"] * 4
     calls.clear()
     # the perplexity task's tokens change: only perplexity cells, for every method
-    spec = _tiny(assets, tasks=[{"task": "perplexity", "tokens": 300}, {"task": "passkey", "depths": [0.5]}])
+    spec = _tiny(tiny_assets, tasks=[{"task": "perplexity", "tokens": 300}, {"task": "passkey", "depths": [0.5]}])
     store = st.run_suite(st.parse_spec(spec), tmp_path, plot=False)
     assert sorted(calls) == sorted(("perplexity", n) for n in (128, 256) for _ in range(3))
     assert len(store.records) == 16 + 6
 
 
-def test_cli_dry_run_and_bad_spec(assets, tmp_path):
+def test_cli_dry_run_and_bad_spec(tiny_assets, tmp_path):
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(_tiny(assets)), encoding="utf-8")
+    spec.write_text(json.dumps(_tiny(tiny_assets)), encoding="utf-8")
     env_run = dict(cwd=ROOT, capture_output=True, text=True, timeout=120)
     done = subprocess.run([sys.executable, "eval/suite.py", str(spec), "--out", str(tmp_path / "o"), "--dry-run"],
                           **env_run)
     assert done.returncode == 0, done.stderr
     assert "12 cell(s), 12 to compute" in done.stdout
     assert not (tmp_path / "o").exists()
-    spec.write_text(json.dumps(_tiny(assets, lengths=[128, "x"])), encoding="utf-8")
+    spec.write_text(json.dumps(_tiny(tiny_assets, lengths=[128, "x"])), encoding="utf-8")
     bad = subprocess.run([sys.executable, "eval/suite.py", str(spec), "--out", str(tmp_path / "o")], **env_run)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
@@ -289,7 +283,7 @@ def test_non_finite_metrics_become_null():
     assert st._finite({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
 
 
-def test_any_registered_task_runs_and_reports(assets, tmp_path, monkeypatch):
+def test_any_registered_task_runs_and_reports(tiny_assets, tmp_path, monkeypatch):
     """A task registered at run time (one cell per depth) goes through spec checking,
     the runner and the report's depth heatmap like the built-in ones."""
 
@@ -304,8 +298,8 @@ def test_any_registered_task_runs_and_reports(assets, tmp_path, monkeypatch):
 
     monkeypatch.setitem(tk.TASKS, "echo", tk.Task("echo", {"depth": 0.5}, validate, run, "recall"))
     with pytest.raises(rope_ntk.InvalidParameterError, match=r"tasks\[0\]: depth=2"):
-        st.parse_spec(_tiny(assets, tasks=[{"task": "echo", "depth": 2}]))
-    suite = st.parse_spec(_tiny(assets, methods=["none"], tasks=[{"task": "echo", "depth": [0.25, 1.0]}]))
+        st.parse_spec(_tiny(tiny_assets, tasks=[{"task": "echo", "depth": 2}]))
+    suite = st.parse_spec(_tiny(tiny_assets, methods=["none"], tasks=[{"task": "echo", "depth": [0.25, 1.0]}]))
     store = st.run_suite(suite, tmp_path, plot=True)
     assert [(r["length"], r["task_params"]["depth"], r["value"]) for r in store.records] == [
         (128, 0.25, 0.75), (128, 1.0, 0.0), (256, 0.25, 0.75), (256, 1.0, 0.0)]
@@ -314,7 +308,7 @@ def test_any_registered_task_runs_and_reports(assets, tmp_path, monkeypatch):
     assert (tmp_path / "echo_depth_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_folder_being_written_is_refused_and_a_wrong_rope_stops_before_any_record(assets, tmp_path, monkeypatch):
+def test_a_folder_being_written_is_refused_and_a_wrong_rope_stops_before_any_record(tiny_assets, tmp_path, monkeypatch):
     """Like the sweep: one writer per output folder, and each method's RoPE is
     verified before its cells are computed."""
     from rope_ntk.evaluation.results import locked_dir
@@ -322,12 +316,12 @@ def test_a_folder_being_written_is_refused_and_a_wrong_rope_stops_before_any_rec
     out = tmp_path / "out"
     with locked_dir(out):
         with pytest.raises(rope_ntk.InvalidParameterError, match="being written by another running sweep or suite"):
-            st.run_suite(st.parse_spec(_tiny(assets)), out, plot=False)
+            st.run_suite(st.parse_spec(_tiny(tiny_assets)), out, plot=False)
 
     def mismatch(model, *args, **kwargs):
         raise rope_ntk.RopeMismatchError("inv_freq of model.rotary_emb differs from the configured method")
 
     monkeypatch.setattr(st, "verify", mismatch)
     with pytest.raises(rope_ntk.RopeMismatchError):
-        st.run_suite(st.parse_spec(_tiny(assets)), tmp_path / "out2", plot=False)
+        st.run_suite(st.parse_spec(_tiny(tiny_assets)), tmp_path / "out2", plot=False)
     assert not (tmp_path / "out2" / "results.json").exists()
