@@ -55,7 +55,7 @@ def test_a_list_valued_parameter_expands_only_from_a_list_of_lists():
     assert [t.resolved["depths"] for t in two.tasks] == [[0.25], [0.75]]
     grid = st.parse_spec(_spec(tasks=[{"task": "perplexity", "tokens": [128, 512]}]))
     assert [t.resolved["tokens"] for t in grid.tasks] == [128, 512]
-    assert grid.tasks[0].resolved == {**tk.PERPLEXITY_DEFAULTS, "tokens": 128}
+    assert grid.tasks[0].resolved == {**pp.PERPLEXITY_DEFAULTS, "tokens": 128}
 
 
 def test_defaults_and_cells_of_the_shipped_specs():
@@ -172,7 +172,7 @@ def test_one_record_per_cell_carrying_what_reproduces_it(first_run, tiny_assets)
         assert r["value"] == r["metrics"][r["metric"]]
         assert r["params"] == rope_ntk.validate_params(r["method"], r["method_args"])
         if r["task"] == "perplexity":
-            assert r["task_params"] == {**tk.PERPLEXITY_DEFAULTS, "tokens": 256}
+            assert r["task_params"] == {**pp.PERPLEXITY_DEFAULTS, "tokens": 256}
             assert r["metrics"]["tokens"] == pp.windows_for(r["length"], 256) * (r["length"] - 1)
         else:
             (trial,) = r["metrics"]["details"]

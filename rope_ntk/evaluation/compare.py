@@ -19,9 +19,10 @@ from typing import Any
 
 from ..errors import InvalidParameterError
 from ..methods import validate_params
+from .passkey import PASSKEY_DEFAULTS
+from .perplexity import PERPLEXITY_DEFAULTS
 from .report import LEGACY_TASKS, headline, method_label, shown, task_name
 from .results import ResultsStore, cell_key
-from .tasks import PASSKEY_DEFAULTS, PERPLEXITY_DEFAULTS
 
 DEFAULT_IGNORE = ("model",)
 

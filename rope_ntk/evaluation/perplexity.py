@@ -47,6 +47,7 @@ cross-entropy; the decoder runs without a KV cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -98,13 +99,28 @@ def resolve_bos(tokenizer, policy: str) -> int | None:
     return bos if bos is not None and encoded and encoded[0] == bos else None
 
 
+@functools.lru_cache(maxsize=32)
+def _encode(tokenizer, text: str) -> tuple[int, ...]:
+    """Token ids of ``text`` without special tokens. Cached: every cell of a
+    sweep or suite plans its windows over the same documents, and the bundled
+    corpus is one 3 MB document (~2 s to tokenize); a few entries, so memory
+    stays bounded on large corpora."""
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count(tokenizer, text: str) -> int:
+    """Token count of a document, for document selection (cached: only an int per document)."""
+    return len(_encode(tokenizer, text))
+
+
 def _stream(tokenizer, documents, indices, min_tokens: int | None) -> tuple[list[int], list[int]]:
     """(ids, used): the documents at ``indices`` joined by blank lines,
     stopping once ``min_tokens`` ids are reached (``None``: all of them)."""
     ids: list[int] = []
     used: list[int] = []
     for index in indices:
-        ids.extend(tokenizer(("\n\n" if ids else "") + documents[index], add_special_tokens=False).input_ids)
+        ids.extend(_encode(tokenizer, ("\n\n" if ids else "") + documents[index]))
         used.append(index)
         if min_tokens is not None and len(ids) >= min_tokens:
             break
@@ -311,7 +327,7 @@ def plan_windows(tokenizer, corpus: list[str], length: int, params: dict, *, see
         raise CorpusError("the corpus holds no documents.")
 
     def count(doc: str) -> int:
-        return len(tokenizer(doc, add_special_tokens=False).input_ids)
+        return _count(tokenizer, doc)
 
     minimum = params["min_doc_tokens"]
     if protocol == "truncate":
@@ -325,7 +341,7 @@ def plan_windows(tokenizer, corpus: list[str], length: int, params: dict, *, see
         limit = params["num_documents"] or (windows_for(length, tokens) if tokens else None)
         chosen, used = [], []
         for index in selected:  # lazy: stops measuring documents once enough are found
-            ids = tokenizer(corpus[index], add_special_tokens=False).input_ids[:text]
+            ids = list(_encode(tokenizer, corpus[index])[:text])
             chosen.append(Window(ids if bos_id is None else [bos_id, *ids], 1, 0))
             used.append(index)
             if len(used) == limit:

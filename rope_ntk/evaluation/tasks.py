@@ -53,25 +53,13 @@ def get_task(name: Any) -> Task:
     return TASKS[name]
 
 
-# ---------------------------------------------------------------- perplexity
+# ---------------------------------------------------------------- the built-in tasks
 
-# the protocols (disjoint, sliding, truncate) and document selection live in perplexity.py
-PERPLEXITY_DEFAULTS = pp.PERPLEXITY_DEFAULTS
-validate_perplexity = pp.validate_perplexity
-run_perplexity = pp.run_perplexity
-
-
-# ---------------------------------------------------------------- retrieval
-
-# passkey grid, needle in a haystack and the RULER-style tasks live in their
-# own modules (generation or teacher-forced scoring, chat template on or off)
-PASSKEY_DEFAULTS = pk.PASSKEY_DEFAULTS
-validate_passkey = pk.validate_passkey
-run_passkey = pk.run_passkey
-
-
-register(Task("perplexity", PERPLEXITY_DEFAULTS, validate_perplexity, run_perplexity, "perplexity"))
-register(Task("passkey", PASSKEY_DEFAULTS, validate_passkey, run_passkey, "accuracy"))
+# perplexity (protocols, document selection) lives in perplexity.py; passkey,
+# needle and the RULER-style tasks (generation or teacher-forced scoring) in
+# their own modules
+register(Task("perplexity", pp.PERPLEXITY_DEFAULTS, pp.validate_perplexity, pp.run_perplexity, "perplexity"))
+register(Task("passkey", pk.PASSKEY_DEFAULTS, pk.validate_passkey, pk.run_passkey, "accuracy"))
 register(Task("needle", needle.NEEDLE_DEFAULTS, needle.validate_needle, needle.run_needle, "accuracy"))
 for _ruler in ruler.RULER_TASKS.values():
     register(Task(_ruler.name, _ruler.defaults, _ruler.validate, _ruler.run, "accuracy"))
